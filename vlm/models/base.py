@@ -1,0 +1,217 @@
+"""Shared step logic of every model: stream -> objectives -> weighted loss, logged per stream and objective.
+
+A batch is a dict tagged with ``batch["stream"]``. The model looks up the objectives configured for that
+stream (``streams: {stream: {objective: weight}}``), each objective asks the model for what it needs
+through capability methods (memoised in a per-step :class:`StepCache`), and the weighted sum is the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from vlm.errors import VLMConfigError
+from vlm.objectives.base import Objective, StepCache
+
+
+class VLMModule(L.LightningModule):
+    """Base LightningModule: objectives per stream, optimizer and schedule, logging.
+
+    Args:
+        objectives: named objective components (heads live inside them), e.g. ``{"mlm": MaskedLanguageModeling()}``.
+        streams: which objectives train on which data stream, with weights: ``{"text": {"mlm": 1.0}}``.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings' position/cls tokens, gates).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        lr_schedule: ``cosine`` (to ``min_lr_ratio * lr`` at ``trainer.max_steps``), ``linear`` or ``constant``.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` for the cosine/linear schedules.
+        seed: seed of the per-step random generator used by masking and negative sampling.
+    """
+
+    def __init__(
+        self,
+        objectives: Mapping[str, Objective] | None = None,
+        streams: Mapping[str, Mapping[str, float]] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.objectives = nn.ModuleDict(dict(objectives or {}))
+        self.stream_weights: dict[str, dict[str, float]] = {
+            s: {k: float(w) for k, w in ws.items()} for s, ws in (streams or {}).items()
+        }
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.lr_schedule, self.min_lr_ratio = warmup_steps, lr_schedule, min_lr_ratio
+        if lr_schedule not in ("cosine", "linear", "constant"):
+            raise VLMConfigError(f"lr_schedule={lr_schedule!r}: use one of 'cosine', 'linear', 'constant'.")
+        self.seed = seed
+        self.skipped_samples: dict[str, int] = {}
+        for stream, ws in self.stream_weights.items():
+            for key in ws:
+                if key not in self.objectives:
+                    raise VLMConfigError(
+                        f"Stream '{stream}' names objective '{key}', but the model's objectives are "
+                        f"{sorted(self.objectives)}. Add it under `objectives:` or fix the name under `streams:`."
+                    )
+
+    # ------------------------------------------------------------------ set-up
+    def attach_objectives(self) -> None:
+        """Let every objective build its heads and check the capabilities it needs. Call at the end of ``__init__``."""
+        for key, obj in self.objectives.items():
+            obj.build(self)
+        for stream, ws in self.stream_weights.items():
+            for key in ws:
+                self.objectives[key].check_model(self, stream, key)
+
+    def active_objectives(self, stream: str) -> list[tuple[str, Objective, float]]:
+        """Objectives with non-zero weight for ``stream``; an unknown stream is an error that names the known ones."""
+        if stream not in self.stream_weights:
+            raise VLMConfigError(
+                f"Batch from stream '{stream}', but the model has objectives only for streams "
+                f"{sorted(self.stream_weights)}. Add '{stream}' under the model's `streams:` or rename the data stream."
+            )
+        return [(k, self.objectives[k], w) for k, w in self.stream_weights[stream].items() if w != 0.0]
+
+    def set_objective_weight(self, stream: str, objective: str, weight: float) -> None:
+        """Change one weight at run time (used by staged schedules)."""
+        if objective not in self.objectives:
+            raise VLMConfigError(f"Unknown objective '{objective}'; known: {sorted(self.objectives)}.")
+        self.stream_weights.setdefault(stream, {})[objective] = float(weight)
+
+    def step_generator(self, batch: Mapping[str, Any]) -> torch.Generator:
+        """CPU generator seeded by (seed, position of the batch in the schedule, rank): resumable and rank-distinct."""
+        position = batch.get("batch_index", self.global_step if self._trainer is not None else 0)
+        if isinstance(position, Tensor):
+            position = int(position.reshape(-1)[0])
+        rank = self.global_rank if self._trainer is not None else 0
+        stream = str(batch.get("stream", ""))
+        seed = zlib.crc32(f"{self.seed}/{position}/{rank}/{stream}".encode())
+        return torch.Generator().manual_seed(seed)
+
+    # ------------------------------------------------------------------ the step
+    def compute_losses(self, batch: Mapping[str, Any], cache: StepCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the stream's objectives and a flat dict of everything worth logging."""
+        stream = batch.get("stream")
+        if stream is None:
+            raise VLMConfigError("Batch has no 'stream' field; batches must come from the multi-stream DataModule or carry 'stream'.")
+        cache = cache if cache is not None else StepCache()
+        if getattr(cache, "generator", None) is None:
+            cache.generator = self.step_generator(batch)
+        total: Tensor | None = None
+        logs: dict[str, Tensor] = {}
+        for key, obj, weight in self.active_objectives(stream):
+            obj.check_batch(batch, stream, key)
+            out = obj(self, batch, cache)
+            logs[f"{stream}/{key}/loss"] = out.loss.detach()
+            for m, v in out.metrics.items():
+                logs[f"{stream}/{key}/{m}"] = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+            total = out.loss * weight if total is None else total + out.loss * weight
+        if total is None:
+            total = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        logs[f"{stream}/loss"] = total.detach()
+        return total, logs
+
+    @staticmethod
+    def batch_size_of(batch: Mapping[str, Any]) -> int:
+        for v in batch.values():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+        return 1
+
+    def _log_dict(self, prefix: str, logs: Mapping[str, Tensor], batch_size: int, on_step: bool) -> None:
+        for k, v in logs.items():
+            self.log(
+                f"{prefix}/{k}", v, batch_size=batch_size, on_step=on_step, on_epoch=not on_step,
+                add_dataloader_idx=False, sync_dist=not on_step,
+            )
+
+    def _count_skipped(self, batch: Mapping[str, Any]) -> None:
+        n = batch.get("num_skipped")
+        if n is None:
+            return
+        stream = str(batch.get("stream"))
+        self.skipped_samples[stream] = self.skipped_samples.get(stream, 0) + int(n)
+        self.log(f"data/{stream}/skipped", float(self.skipped_samples[stream]), on_step=True, batch_size=1)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor:
+        loss, logs = self.compute_losses(batch)
+        bs = self.batch_size_of(batch)
+        self._log_dict("train", logs, bs, on_step=True)
+        self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
+        self._count_skipped(batch)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+        stream = batch.get("stream")
+        if stream not in self.stream_weights:
+            return None
+        loss, logs = self.compute_losses(batch)
+        self._log_dict("val", logs, self.batch_size_of(batch), on_step=False)
+        return loss
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+        stream = batch.get("stream")
+        if stream not in self.stream_weights:
+            return None
+        loss, logs = self.compute_losses(batch)
+        self._log_dict("test", logs, self.batch_size_of(batch), on_step=False)
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "cls_token", "pos_embed", "position_embedding",
+                     "mask_token", "logit_scale", "logit_bias", "gate", "latents")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: decay on weight matrices only; frozen parameters are left out."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            lname = name.lower()
+            if p.ndim < 2 or any(k in lname for k in self.NO_DECAY_KEYS):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": self.weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def lr_lambda(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        total = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
+        if total is None or total <= 0:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        if self.lr_schedule == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+    def configure_optimizers(self):
+        groups = self.parameter_groups()
+        if not groups:
+            raise VLMConfigError("No trainable parameters: every parameter is frozen. Unfreeze something to train.")
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
