@@ -1,0 +1,7 @@
+"""Lightning callbacks: freezing schedules, objective-weight schedules, gate monitoring."""
+
+from vlm.callbacks.freeze import FreezeSchedule, FreezeStage
+from vlm.callbacks.gates import GateMonitor
+from vlm.callbacks.objective_schedule import ObjectiveWeightSchedule, WeightStage
+
+__all__ = ["FreezeSchedule", "FreezeStage", "GateMonitor", "ObjectiveWeightSchedule", "WeightStage"]

@@ -69,7 +69,7 @@ class VLMModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def attach_objectives(self) -> None:
         """Let every objective build its heads and check the capabilities it needs. Call at the end of ``__init__``."""
-        for key, obj in self.objectives.items():
+        for obj in self.objectives.values():
             obj.build(self)
         for stream, ws in self.stream_weights.items():
             for key in ws:
@@ -77,6 +77,10 @@ class VLMModule(L.LightningModule):
 
     def active_objectives(self, stream: str) -> list[tuple[str, Objective, float]]:
         """Objectives with non-zero weight for ``stream``; an unknown stream is an error that names the known ones."""
+        if stream is None:
+            raise VLMConfigError(
+                "Batch has no 'stream' field; batches must come from the multi-stream DataModule or carry 'stream'."
+            )
         if stream not in self.stream_weights:
             raise VLMConfigError(
                 f"Batch from stream '{stream}', but the model has objectives only for streams "
@@ -104,8 +108,6 @@ class VLMModule(L.LightningModule):
     def compute_losses(self, batch: Mapping[str, Any], cache: StepCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the stream's objectives and a flat dict of everything worth logging."""
         stream = batch.get("stream")
-        if stream is None:
-            raise VLMConfigError("Batch has no 'stream' field; batches must come from the multi-stream DataModule or carry 'stream'.")
         cache = cache if cache is not None else StepCache()
         if getattr(cache, "generator", None) is None:
             cache.generator = self.step_generator(batch)
@@ -145,12 +147,14 @@ class VLMModule(L.LightningModule):
         self.skipped_samples[stream] = self.skipped_samples.get(stream, 0) + int(n)
         self.log(f"data/{stream}/skipped", float(self.skipped_samples[stream]), on_step=True, batch_size=1)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor | None:
+        self._count_skipped(batch)
+        if not self.active_objectives(batch.get("stream")):
+            return None  # every weight of this stream is 0 now (staged schedule): skip, no forward, no step
         loss, logs = self.compute_losses(batch)
         bs = self.batch_size_of(batch)
         self._log_dict("train", logs, bs, on_step=True)
         self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
-        self._count_skipped(batch)
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:

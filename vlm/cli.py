@@ -1,0 +1,60 @@
+"""The ``vlm`` command: LightningCLI (fit/validate/test/predict) with omegaconf interpolation, plus small extras.
+
+    vlm fit --config conf/flava/tiny.yaml --trainer.max_steps=50
+    vlm data synth --out data/synth --num 2000
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+EXTRAS = {
+    "data": "vlm data synth --out DIR --num N   write the synthetic world as WebDataset shards",
+}
+
+
+class VLMCLI(LightningCLI):
+    """LightningCLI whose configs are read with omegaconf (``${...}`` interpolation) and name any model/data class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "default_env": False})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands():
+        return LightningCLI.subcommands()
+
+
+def _extras(argv: list[str]) -> int | None:
+    if argv[:2] == ["data", "synth"]:
+        from vlm.data.synth_cli import main as synth_main
+
+        return synth_main(argv[2:])
+    if argv[:1] == ["data"]:
+        print("usage: " + EXTRAS["data"], file=sys.stderr)
+        return 2
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vlm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    rc = _extras(argv)
+    if rc is not None:
+        return rc
+    if argv[:1] in (["-h"], ["--help"]):
+        print("Extra subcommands:\n  " + "\n  ".join(EXTRAS.values()) + "\n", file=sys.stderr)
+    VLMCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
