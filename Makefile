@@ -1,0 +1,52 @@
+# vlm — make targets. `make demo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= conf/flava/tiny.yaml
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint bench train debug overfit clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create/update the virtual environment .venv (idempotent)
+
+demo: $(STAMP) ## pretrain tiny FLAVA on the synthetic world on CPU, then print held-out retrieval
+	$(PY) -m vlm.demo
+
+test: $(STAMP) ## run the whole test suite (CPU, offline)
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-fast: $(STAMP) ## the suite without the multi-process (ddp) and slow tests
+	$(PY) -m pytest -q -n 2 -m "not ddp and not slow" tests
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check vlm tests benchmarks
+
+bench: $(STAMP) ## speed/memory harnesses (CPU here; pass ARGS="--device cuda --size base" on a GPU)
+	$(PY) benchmarks/contrastive.py $(ARGS)
+	$(PY) benchmarks/flava.py $(ARGS)
+
+train: $(STAMP) ## vlm fit --config $(CONFIG)
+	$(VENV)/bin/vlm fit --config $(CONFIG)
+
+debug: $(STAMP) ## one train+val batch of $(CONFIG) (fast_dev_run)
+	$(VENV)/bin/vlm fit --config $(CONFIG) --trainer.fast_dev_run=true
+
+overfit: $(STAMP) ## overfit a single batch of $(CONFIG)
+	$(VENV)/bin/vlm fit --config $(CONFIG) --trainer.overfit_batches=1 --trainer.max_steps=200
+
+clean: ## remove runs and caches (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache data_cache

@@ -1,0 +1,114 @@
+"""The shared step: per-stream objectives, weights, errors, optimizer groups and LR schedule."""
+
+import math
+
+import pytest
+import torch
+
+from tests.toy import NeedsLogits, SquaredError, ToyModel, toy_batches
+from vlm.errors import MissingBatchField, MissingCapability, VLMConfigError
+from vlm.objectives.base import StepCache
+
+
+def make(streams=None, **kw):
+    objs = {"se": SquaredError(), "se2": SquaredError(scale=3.0)}
+    return ToyModel(objs, streams or {"a": {"se": 1.0, "se2": 0.5}, "b": {"se": 2.0}}, **kw)
+
+
+def test_weighted_sum_matches_objectives_computed_separately():
+    model = make()
+    batch = toy_batches(1)[0]
+    loss, logs = model.compute_losses(batch)
+    # independent: each objective's loss from scratch, with the same head weights
+    feats = model.encoder(batch["x"]) * torch.tanh(model.gate)
+    expect = 0.0
+    for key, w in {"se": 1.0, "se2": 0.5}.items():
+        head = model.objectives[key].head
+        scale = model.objectives[key].scale
+        expect = expect + w * scale * ((head(feats).squeeze(-1) - batch["y"]) ** 2).mean()
+    torch.testing.assert_close(loss, expect)
+    assert set(logs) == {"a/se/loss", "a/se/mae", "a/se2/loss", "a/se2/mae", "a/loss"}
+    # the encoder ran once although two objectives used its output
+    assert model.encoder_calls == 1
+
+
+def test_weight_zero_costs_nothing_and_contributes_nothing():
+    model = make({"a": {"se": 1.0, "se2": 0.0}})
+    batch = toy_batches(1)[0]
+    loss, logs = model.compute_losses(batch)
+    assert model.objectives["se2"].calls == 0
+    assert "a/se2/loss" not in logs
+    loss.backward()
+    assert all(p.grad is None for p in model.objectives["se2"].parameters())
+
+
+def test_stream_with_all_weights_zero_skips_the_training_step():
+    model = make({"a": {"se": 0.0}})
+    assert model.training_step(toy_batches(1)[0]) is None
+    assert model.objectives["se"].calls == 0
+
+
+def test_unknown_stream_names_known_streams():
+    model = make()
+    with pytest.raises(VLMConfigError, match=r"stream 'zzz'.*\['a', 'b'\]"):
+        model.compute_losses({"stream": "zzz", "x": torch.zeros(1, 4), "y": torch.zeros(1)})
+
+
+def test_stream_naming_missing_objective_fails_at_construction():
+    with pytest.raises(VLMConfigError, match="objective 'nope'"):
+        ToyModel({"se": SquaredError()}, {"a": {"nope": 1.0}})
+
+
+def test_missing_capability_fails_at_construction_naming_objective_and_stream():
+    with pytest.raises(MissingCapability, match=r"'lm'.*stream 'text'.*lm_logits"):
+        ToyModel({"lm": NeedsLogits()}, {"text": {"lm": 1.0}})
+
+
+def test_missing_batch_field_names_objective_stream_and_field():
+    model = make()
+    with pytest.raises(MissingBatchField, match=r"'se'.*stream 'a'.*\['y'\]"):
+        model.compute_losses({"stream": "a", "x": torch.zeros(2, 4)})
+
+
+def test_parameter_groups_skip_frozen_and_exempt_norms_biases_gates_from_decay():
+    model = make(weight_decay=0.1)
+    model.encoder[0].weight.requires_grad_(False)
+    groups = model.parameter_groups()
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert id(model.encoder[0].weight) not in decay | no_decay
+    assert id(model.encoder[1].weight) in no_decay  # LayerNorm
+    assert id(model.gate) in no_decay
+    assert id(model.objectives["se"].head.weight) in decay
+    assert id(model.objectives["se"].head.bias) in no_decay
+
+
+def test_lr_schedule_warmup_then_cosine_formula():
+    model = make(warmup_steps=10, min_lr_ratio=0.1)
+
+    class T:  # the only trainer attribute the schedule reads
+        max_steps = 110
+
+    model._trainer = T()
+    for step in [0, 5, 9]:
+        assert model.lr_lambda(step) == pytest.approx((step + 1) / 10)
+    for step in [10, 35, 60, 110]:
+        progress = (step - 10) / 100
+        assert model.lr_lambda(step) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_step_generator_depends_on_position_and_stream_only():
+    model = make()
+    b = toy_batches(2)
+    g1 = model.step_generator(b[0]).initial_seed()
+    assert g1 == model.step_generator(dict(b[0])).initial_seed()
+    assert g1 != model.step_generator(b[1]).initial_seed()
+
+
+def test_cache_memoises():
+    cache = StepCache()
+    calls = []
+    assert cache.get_or("k", lambda: calls.append(1) or 5) == 5
+    assert cache.get_or("k", lambda: calls.append(1) or 6) == 5
+    assert calls == [1]
