@@ -1,0 +1,409 @@
+"""Transforms: raw sample dict -> model fields (see ``vlm.data.fields``).
+
+Every transform is a plain class with simple init args (YAML-friendly through LightningCLI
+``class_path``/``init_args``); a tokenizer is named by its source string and loaded lazily, once per process,
+so transforms pickle cheaply into DataLoader workers. ``None`` in gives ``None`` out (a skipped sample), and
+the reader's ``_skipped`` count rides along to ``collate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from vlm.data.collate import PAD_ID_KEY, SKIPPED_KEY
+from vlm.data.tokenizers import END_OF_CHUNK, IMAGE_TOKEN, LOC_TOKENS_ALIAS, load_tokenizer
+from vlm.errors import VLMConfigError
+
+#: CLIP's normalisation (FLAVA uses it too)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LANG_NAMES = {"en": "EN", "fr": "FR", "de": "DE", "es": "ES"}
+PALI_TASKS = ("caption", "vqa", "vqg", "ocr", "detection")
+
+
+class ImageTransform:
+    """PIL/numpy image -> normalised ``float[3,H,W]``; optional random resized crop for training.
+
+    No horizontal flip: captions name left and right, and a flip would make them wrong.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train: bool = False,
+        random_resized_crop: bool = False,
+        crop_scale_min: float = 0.8,
+    ) -> None:
+        if image_size < 1 or len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise VLMConfigError(
+                f"ImageTransform needs image_size >= 1 and 3-value mean/std with std > 0; got {image_size}, {mean}, {std}"
+            )
+        self.image_size, self.train = int(image_size), bool(train)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.random_resized_crop, self.crop_scale_min = bool(random_resized_crop), float(crop_scale_min)
+
+    def __call__(self, image: Image.Image | np.ndarray | None) -> Tensor | None:
+        if image is None:
+            return None
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise VLMConfigError(
+                f"ImageTransform expects a PIL image or uint8 HWC array, got {type(image).__name__}"
+            )
+        image = image.convert("RGB")
+        if self.train and self.random_resized_crop:
+            from torchvision.transforms import v2
+
+            # crop only mildly (scale >= crop_scale_min) so objects named in the caption stay in view
+            crop = v2.RandomResizedCrop(self.image_size, scale=(self.crop_scale_min, 1.0), antialias=True)
+            image = crop(image)
+        elif image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+
+class _Tokenized:
+    """Shared lazy-tokenizer plumbing: the tokenizer is loaded on first use and never pickled."""
+
+    tokenizer_source: str
+    extra_special_tokens: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: str, special_tokens: Sequence[str] | None = None) -> None:
+        if not isinstance(tokenizer, str):
+            raise VLMConfigError(
+                f"give the tokenizer as a source string ('minilm', 'synthetic', a dir or a hub name), got {type(tokenizer).__name__}"
+            )
+        self.tokenizer_source = tokenizer
+        self.special_tokens = [*self.extra_special_tokens, *(special_tokens or [])]
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        """The loaded tokenizer (loaded on first access in each process)."""
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_source, special_tokens=self.special_tokens or None)
+        return self._tok
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tok"] = None  # workers reload it: a few ms, and the pickle stays small
+        return state
+
+    def _encode(self, text: str, max_length: int) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=max_length)
+        return torch.tensor(enc["input_ids"], dtype=torch.long), torch.tensor(
+            enc["attention_mask"], dtype=torch.long
+        )
+
+    def _finish(self, sample: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+        if sample.get(SKIPPED_KEY):
+            out[SKIPPED_KEY] = sample[SKIPPED_KEY]
+        out[PAD_ID_KEY] = self.tokenizer.pad_token_id
+        return out
+
+
+def _pick_text(sample: dict[str, Any], lang: str, field: str) -> str:
+    caps = sample.get("captions")
+    if lang == "all" and isinstance(caps, dict) and caps:
+        keys = sorted(caps)
+        return caps[keys[int(torch.randint(len(keys), ()))]]
+    if isinstance(caps, dict) and lang in caps:
+        return caps[lang]
+    for key in (field, "caption", "text"):
+        if isinstance(sample.get(key), str):
+            return sample[key]
+    raise VLMConfigError(
+        f"sample {sample.get('key', '?')} has no text field {field!r} (nor 'caption'/'text')"
+    )
+
+
+def _ids_fields(sample: dict[str, Any], out: dict[str, Any]) -> None:
+    for k in ("pair_id", "class_index"):
+        if k in sample and sample[k] is not None:
+            out[k] = int(sample[k])
+
+
+class ImageTextTransform(_Tokenized):
+    """Image-text pair -> ``pixel_values``, ``input_ids``, ``attention_mask`` (padded), ``pair_id``, ``class_index``, ``text``."""
+
+    def __init__(
+        self,
+        tokenizer: str = "minilm",
+        max_length: int = 32,
+        image_size: int = 64,
+        lang: str = "en",
+        text_field: str = "caption",
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train: bool = False,
+        random_resized_crop: bool = False,
+        special_tokens: list[str] | None = None,
+    ) -> None:
+        super().__init__(tokenizer, special_tokens)
+        self.max_length, self.lang, self.text_field = int(max_length), lang, text_field
+        self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
+
+    def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        text = _pick_text(sample, self.lang, self.text_field)
+        ids, mask = self._encode(text, self.max_length)
+        out: dict[str, Any] = {
+            "pixel_values": self.image(sample["image"]),
+            "input_ids": ids,
+            "attention_mask": mask,
+        }
+        _ids_fields(sample, out)
+        out["text"] = text
+        return self._finish(sample, out)
+
+
+class TextTransform(_Tokenized):
+    """Text sample -> ``input_ids``, ``attention_mask`` (padded to ``max_length``), ``text``."""
+
+    def __init__(
+        self, tokenizer: str = "minilm", max_length: int = 32, text_field: str = "text", lang: str = "en",
+        special_tokens: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(tokenizer, special_tokens)
+        self.max_length, self.text_field, self.lang = int(max_length), text_field, lang
+
+    def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        text = (
+            sample[self.text_field]
+            if isinstance(sample.get(self.text_field), str)
+            else _pick_text(sample, self.lang, self.text_field)
+        )
+        ids, mask = self._encode(text, self.max_length)
+        return self._finish(sample, {"input_ids": ids, "attention_mask": mask, "text": text})
+
+
+class ImageOnlyTransform:
+    """Image sample -> ``pixel_values`` (+ ``class_index``, ``pair_id`` when present)."""
+
+    def __init__(
+        self, image_size: int = 64, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+        train: bool = False, random_resized_crop: bool = False,
+    ) -> None:  # fmt: skip
+        self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
+
+    def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        out: dict[str, Any] = {"pixel_values": self.image(sample["image"])}
+        _ids_fields(sample, out)
+        if sample.get(SKIPPED_KEY):
+            out[SKIPPED_KEY] = sample[SKIPPED_KEY]
+        return out
+
+
+class InterleavedTransform(_Tokenized):
+    """Interleaved document (or an image-text pair) -> Flamingo fields.
+
+    ``input_ids`` carry ``<image>`` where an image stands and ``<|endofchunk|>`` after the text that follows
+    each image. ``labels`` equal ``input_ids`` (unshifted; the model shifts) except -100 on padding, on
+    ``<image>``, on the leading bos, on text before the first image and on text between an
+    ``<|endofchunk|>`` and the next ``<image>``: Flamingo scores only text conditioned on a preceding image.
+    Images beyond ``max_images`` end the document there. ``pixel_values`` is ``float[max_images,3,H,W]``
+    (zeros in empty slots), ``image_mask`` marks real slots.
+    """
+
+    extra_special_tokens = (IMAGE_TOKEN, END_OF_CHUNK)
+
+    def __init__(
+        self,
+        tokenizer: str = "synthetic",
+        max_length: int = 64,
+        max_images: int = 3,
+        image_size: int = 64,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train: bool = False,
+        random_resized_crop: bool = False,
+        special_tokens: list[str] | None = None,
+    ) -> None:
+        super().__init__(tokenizer, special_tokens)
+        if max_images < 1 or max_length < 4:
+            raise VLMConfigError(
+                f"InterleavedTransform needs max_images >= 1 and max_length >= 4, got {max_images}, {max_length}"
+            )
+        self.max_length, self.max_images, self.image_size = int(max_length), int(max_images), int(image_size)
+        self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
+
+    def token_plan(self, segments: list[tuple[str, Any]]) -> tuple[list[int], list[int], list[Any]]:
+        """Unpadded ``(input_ids, labels, images)`` of a document, before truncation to ``max_length``."""
+        tok = self.tokenizer
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        eoc_id = tok.convert_tokens_to_ids(END_OF_CHUNK)
+        ids: list[int] = []
+        labels: list[int] = []
+        if tok.bos_token_id is not None:
+            ids.append(tok.bos_token_id)
+            labels.append(-100)
+        images: list[Any] = []
+        after_image = False  # the next text is the one that follows an image: it is scored, then closed
+        for kind, value in segments:
+            if kind == "image":
+                if len(images) == self.max_images:
+                    break
+                images.append(value)
+                ids.append(image_id)
+                labels.append(-100)
+                after_image = True
+                continue
+            text_ids = tok(" " + value.strip(), add_special_tokens=False)["input_ids"]
+            if after_image:
+                ids += [*text_ids, eoc_id]
+                labels += [*text_ids, eoc_id]
+                after_image = False
+            else:  # before the first image, or after an <|endofchunk|>: context only
+                ids += text_ids
+                labels += [-100] * len(text_ids)
+        return ids, labels, images
+
+    def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        segments = sample.get("segments")
+        if segments is None:  # an image-text pair is a one-image document: "<image> caption <|endofchunk|>"
+            segments = [("image", sample["image"]), ("text", _pick_text(sample, "en", "caption"))]
+        ids, labels, images = self.token_plan(list(segments))
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        images = images[
+            : sum(1 for i in ids if i == image_id)
+        ]  # an <image> cut off by truncation drops its image
+        n, pad = len(ids), self.max_length - len(ids)
+        pad_id = self.tokenizer.pad_token_id
+        pixel_values = torch.zeros(self.max_images, 3, self.image_size, self.image_size)
+        for t, img in enumerate(images):
+            pixel_values[t] = self.image(img)
+        image_mask = torch.zeros(self.max_images, dtype=torch.bool)
+        image_mask[: len(images)] = True
+        out = {
+            "pixel_values": pixel_values,
+            "image_mask": image_mask,
+            "input_ids": torch.tensor(ids + [pad_id] * pad, dtype=torch.long),
+            "attention_mask": torch.tensor([1] * n + [0] * pad, dtype=torch.long),
+            "labels": torch.tensor(labels + [-100] * pad, dtype=torch.long),
+            "text": " ".join(v if k == "text" else IMAGE_TOKEN for k, v in segments),
+        }
+        return self._finish(sample, out)
+
+
+class PrefixLMTransform(_Tokenized):
+    """PaLI-style sample: image + text prompt for the encoder, target text as decoder ``labels``.
+
+    ``task`` is one of 'caption', 'vqa', 'vqg', 'ocr', 'detection', or several comma-separated (one drawn per
+    sample). Given ``prompt_field`` and ``target_field``, the prompt and target are read from those fields
+    instead. The tokenizer always gets the 1024 ``<locNNNN>`` tokens, so the vocabulary is the same for
+    every task mixture.
+    """
+
+    extra_special_tokens = (LOC_TOKENS_ALIAS,)
+
+    def __init__(
+        self,
+        tokenizer: str = "synthetic",
+        task: str = "caption",
+        lang: str = "en",
+        prompt_field: str | None = None,
+        target_field: str | None = None,
+        max_length: int = 32,
+        target_max_length: int = 32,
+        image_size: int = 64,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train: bool = False,
+        random_resized_crop: bool = False,
+        special_tokens: list[str] | None = None,
+    ) -> None:
+        super().__init__(tokenizer, special_tokens)
+        self.tasks = [t.strip() for t in task.split(",") if t.strip()]
+        bad = [t for t in self.tasks if t not in PALI_TASKS]
+        if bad or not self.tasks:
+            raise VLMConfigError(
+                f"unknown PaLI task(s) {bad or task!r}; use one or more (comma-separated) of {list(PALI_TASKS)}"
+            )
+        if (prompt_field is None) != (target_field is None):
+            raise VLMConfigError("give both prompt_field and target_field, or neither")
+        if lang not in (*LANG_NAMES, "all"):
+            raise VLMConfigError(f"unknown language {lang!r}; use one of {[*LANG_NAMES, 'all']}")
+        self.lang, self.prompt_field, self.target_field = lang, prompt_field, target_field
+        self.max_length, self.target_max_length = int(max_length), int(target_max_length)
+        self.train = bool(train)
+        self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
+
+    def _choice(self, n: int) -> int:
+        # training draws (seeded per worker by the DataLoader); evaluation is deterministic
+        return int(torch.randint(n, ())) if self.train and n > 1 else 0
+
+    def prompt_and_target(self, sample: dict[str, Any]) -> tuple[str, str]:
+        """The (prompt, target) text pair for ``sample`` under this transform's task(s)."""
+        if self.prompt_field is not None:
+            return str(sample[self.prompt_field]), str(sample[self.target_field])
+        task = self.tasks[self._choice(len(self.tasks))]
+        langs = list(LANG_NAMES) if self.lang == "all" else [self.lang]
+        lang = langs[self._choice(len(langs))]
+        code = LANG_NAMES[lang]
+        if task == "caption":
+            return f"Generate the alt_text in {code}", _pick_text(sample, lang, "caption")
+        if task in ("vqa", "vqg"):
+            if "question" in sample and ("answer" in sample or sample.get("answers")):
+                q, a = sample["question"], sample.get("answer") or sample["answers"][0]
+            else:
+                pool = [x for x in sample.get("vqa", []) if x.get("lang") == lang]
+                if not pool:
+                    raise VLMConfigError(
+                        f"sample {sample.get('key', '?')} has no question/answer in {lang!r} for task {task!r}"
+                    )
+                qa = pool[self._choice(len(pool))]
+                q, a = qa["question"], qa["answer"]
+            if task == "vqa":
+                return f"Answer in {code}: {q}", a
+            return f"Generate a question in {code} for {a}", q
+        if task == "ocr":
+            return "Generate the OCR text", sample.get("ocr_text", "")
+        from vlm.data.synthetic import CLASS_NAMES
+
+        return "detect " + " ; ".join(CLASS_NAMES), sample["detection_target"]
+
+    def _ids(self, text: str, limit: int) -> list[int]:
+        tok = self.tokenizer
+        end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        ids = tok(text, add_special_tokens=False)["input_ids"][: limit - (end is not None)]
+        return ids + ([end] if end is not None else [])  # an end token tells the decoder where to stop
+
+    def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
+        if sample is None:
+            return None
+        prompt, target = self.prompt_and_target(sample)
+        pad_id = self.tokenizer.pad_token_id
+        enc = self._ids(prompt, self.max_length)
+        dec = self._ids(target, self.target_max_length)
+        pe, pd = self.max_length - len(enc), self.target_max_length - len(dec)
+        out: dict[str, Any] = {
+            "pixel_values": self.image(sample["image"]),
+            "input_ids": torch.tensor(enc + [pad_id] * pe, dtype=torch.long),
+            "attention_mask": torch.tensor([1] * len(enc) + [0] * pe, dtype=torch.long),
+            "labels": torch.tensor(dec + [-100] * pd, dtype=torch.long),
+            "decoder_attention_mask": torch.tensor([1] * len(dec) + [0] * pd, dtype=torch.long),
+            "text": prompt,
+            "target_text": target,
+        }
+        _ids_fields(sample, out)
+        return self._finish(sample, out)
