@@ -45,6 +45,7 @@ def _extras(argv: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlm`` console script."""
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     rc = _extras(argv)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     if argv[:1] in (["-h"], ["--help"]):
         print("Extra subcommands:\n  " + "\n  ".join(EXTRAS.values()) + "\n", file=sys.stderr)
-    VLMCLI(args=argv)
+    VLMCLI(args=None if from_shell else argv)
     return 0
 
 
