@@ -88,3 +88,16 @@ def test_zero_shot_classifier_and_accuracy():
         topk = np.argsort(-scores, axis=1)[:, :k]
         want = np.mean([targets[i] in topk[i] for i in range(50)])
         assert got[f"top{k}"].item() == pytest.approx(want)
+
+
+def test_collapsed_embeddings_score_zero_not_one():
+    """Every similarity tied: no query can claim its match ranks first."""
+    from vlm.metrics.retrieval import RetrievalRecall, zero_shot_accuracy
+
+    metric = RetrievalRecall(ks=(1,))
+    same = torch.ones(6, 4)
+    metric.update(same, same, torch.arange(6))
+    out = metric.compute()
+    assert float(out["t2i_R@1"]) == 0.0 and float(out["i2t_R@1"]) == 0.0
+    acc = zero_shot_accuracy(torch.ones(5, 4), torch.ones(3, 4), torch.zeros(5, dtype=torch.long))
+    assert float(acc["top1"]) == 0.0

@@ -18,7 +18,8 @@ class RetrievalRecall(Metric):
 
     ``update(image_emb, text_emb, pair_ids)`` takes one row per (image, caption) pair; rows with equal
     ``pair_ids`` show the same image, which is kept once. Similarity is cosine. A text is retrieved when its
-    image ranks in the top k; an image when any of its captions does. Ties count in the query's favour.
+    image ranks in the top k; an image when any of its captions does. Ties count against the query, so a
+    collapsed model (all embeddings equal) scores 0, never 1.
     """
 
     is_differentiable = False
@@ -62,19 +63,19 @@ class RetrievalRecall(Metric):
         images = images[first]
         n_img, n_txt = images.shape[0], texts.shape[0]
 
-        # t2i: rank of the true image = number of images scoring strictly higher.
+        # t2i: rank of the true image = number of other images scoring at least as high (ties count against).
         t2i_rank = torch.empty(n_txt, dtype=torch.long, device=texts.device)
         for s in range(0, n_txt, self.chunk_size):
             sim = texts[s: s + self.chunk_size] @ images.T
             true = sim.gather(1, text_to_image[s: s + self.chunk_size, None])
-            t2i_rank[s: s + self.chunk_size] = (sim > true).sum(1)
-        # i2t: rank of the best-scoring true caption = number of texts scoring strictly higher than it.
+            t2i_rank[s: s + self.chunk_size] = (sim >= true).sum(1) - 1
+        # i2t: rank of the best-scoring true caption = number of other images' texts scoring at least as high.
         i2t_rank = torch.empty(n_img, dtype=torch.long, device=texts.device)
         for s in range(0, n_img, self.chunk_size):
             sim = images[s: s + self.chunk_size] @ texts.T
             mine = text_to_image[None, :] == torch.arange(s, s + sim.shape[0], device=sim.device)[:, None]
             best_true = sim.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
-            i2t_rank[s: s + self.chunk_size] = (sim > best_true).sum(1)
+            i2t_rank[s: s + self.chunk_size] = ((sim >= best_true) & ~mine).sum(1)
         out = {}
         for k in self.ks:
             out[f"t2i_R@{k}"] = (t2i_rank < k).float().mean()
@@ -112,5 +113,5 @@ def zero_shot_accuracy(
         )
     logits = F.normalize(image_emb.float(), dim=-1) @ classifier.float().T
     true = logits.gather(1, targets.long().to(logits.device)[:, None])
-    rank = (logits > true).sum(1)
+    rank = (logits >= true).sum(1) - 1  # ties count against the prediction
     return {f"top{k}": (rank < k).float().mean() for k in ks}
