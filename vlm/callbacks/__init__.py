@@ -2,6 +2,7 @@
 
 from vlm.callbacks.freeze import FreezeSchedule, FreezeStage
 from vlm.callbacks.gates import GateMonitor
+from vlm.callbacks.history import MetricHistory
 from vlm.callbacks.objective_schedule import ObjectiveWeightSchedule, WeightStage
 
-__all__ = ["FreezeSchedule", "FreezeStage", "GateMonitor", "ObjectiveWeightSchedule", "WeightStage"]
+__all__ = ["FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule", "WeightStage"]
