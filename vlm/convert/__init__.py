@@ -1,0 +1,1 @@
+"""Importers of released checkpoints (Hugging Face FLAVA: ``vlm.convert.hf_flava.flava_from_hf``)."""

@@ -1,0 +1,529 @@
+"""FLAVA (Singh et al., 2022): image encoder + text encoder + multimodal encoder, trained by pluggable objectives.
+
+The model owns towers, projections, masking and an optional image tokenizer; the losses (GC, ITM, MMM, MIM,
+MLM) live in ``vlm.objectives`` and ask the model for what they need through the capability methods below.
+Every capability memoises in the step's ``StepCache``, so objectives that share an input share one pass:
+on a pair batch with GC + ITM + MMM the image and text towers run once unmasked (GC) and once masked
+(ITM/MMM), and the multimodal encoder runs once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_text_encoder, check_vocab
+from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, patchify
+from vlm.errors import MissingBatchField, VLMConfigError
+from vlm.models.base import VLMModule
+from vlm.objectives.base import Objective, StepCache
+
+#: FLAVA's default streams and objectives: pairs train GC + ITM + MMM, images MIM, text MLM.
+DEFAULT_STREAMS: dict[str, dict[str, float]] = {
+    "pairs": {"gc": 1.0, "itm": 1.0, "mmm": 1.0},
+    "images": {"mim": 1.0},
+    "text": {"mlm": 1.0},
+}
+#: BERT uncased WordPiece ids of [PAD], [UNK], [CLS], [SEP], [MASK] (FLAVA's tokenizer)
+BERT_SPECIAL_IDS = (0, 100, 101, 102, 103)
+FUSION_INPUTS = ("last_layer", "final")
+
+
+def default_objectives() -> dict[str, Objective]:
+    """FLAVA's five objectives with the paper's settings."""
+    from vlm.objectives.contrastive import GlobalContrastive
+    from vlm.objectives.itm import ImageTextMatching
+    from vlm.objectives.mim import MaskedImageModeling
+    from vlm.objectives.mlm import MaskedLanguageModeling
+    from vlm.objectives.mmm import MaskedMultimodalModeling
+
+    return {
+        "gc": GlobalContrastive(),
+        "itm": ImageTextMatching(negatives="shuffle"),
+        "mmm": MaskedMultimodalModeling(),
+        "mim": MaskedImageModeling(),
+        "mlm": MaskedLanguageModeling(),
+    }
+
+
+class MultimodalEncoder(nn.Module):
+    """FLAVA's fusion encoder: its own CLS token + pre-norm blocks over [image tokens; text tokens] + final norm."""
+
+    def __init__(self, hidden: int = 768, layers: int = 6, heads: int = 12, mlp_ratio: float = 4.0,
+                 layer_norm_eps: float = 1e-12, qkv_bias: bool = True, dropout: float = 0.0,
+                 attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden_size = hidden
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.encoder = PreNormStack(hidden, layers, heads, mlp_ratio, layer_norm_eps, qkv_bias, dropout, attn_dropout)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.encoder.grad_checkpointing = enable
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``tokens[B,S,D]``, ``attention_mask[B,S]`` (1 = real) -> ``[B,1+S,D]``, multimodal CLS first."""
+        x = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        out, _ = self.encoder(x, attention_bias(attention_mask, prefix=1))
+        return out
+
+
+class FLAVA(VLMModule):
+    """FLAVA as a LightningModule: towers + projections + masking; losses come from the configured objectives.
+
+    Args:
+        vision: image tower config (``VisionConfig`` fields: sizes, ``timm_name``, ``pretrained``).
+        text: text tower config (``TextConfig`` fields: ``kind`` flava|hf, sizes, ``pretrained``, ``hf_config``).
+        multimodal: fusion encoder sizes (``hidden``, ``layers``, ``heads``, ``mlp_ratio``, ``layer_norm_eps``, ...).
+        projection_dim: size of the contrastive embeddings.
+        objectives: named objectives (default: FLAVA's gc, itm, mmm, mim, mlm).
+        streams: objectives and weights per data stream (default: pairs -> gc+itm+mmm, images -> mim, text -> mlm).
+        pretrained_text: hub name or local dir of a Hugging Face encoder to start the text tower from (kind "hf").
+        pretrained_image: checkpoint file/dir or timm/hub name to start the image tower from.
+        image_codebook: MIM tokenizer: hub name / local dir of a ``FlavaImageCodebook``, a codebook config dict
+            (random init), the object itself, or None (MIM/MMM then use pixel targets unless batches carry mim_labels).
+        codebook_size: image-vocabulary size for the heads when no codebook is loaded but batches carry mim_labels.
+        mask_token_id: id of [MASK] in the tokenizer (text masking on the fly).
+        special_token_ids: ids that are never masked ([PAD], [CLS], [SEP], ...).
+        text_mask_prob: share of text tokens picked for MLM/MMM.
+        image_mask_ratio: share of patches masked by block masking (MIM/MMM).
+        image_mask_min_patches: smallest block of the block masking.
+        fusion_input: what the fusion encoder reads from each tower: ``last_layer`` (the last block before the
+            final norm, as FLAVA/HF) or ``final`` (the normed output).
+        contrastive_from_masked: compute GC embeddings from the masked passes (saves the two unmasked tower
+            passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
+        tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
+        activation_checkpointing: recompute tower blocks in backward (memory for compute).
+        compile: ``torch.compile`` the three towers.
+        zeroshot_class_names: class names for zero-shot classification in validation.
+        zeroshot_templates: prompt templates with ``{}`` for the class name.
+        tokenizer: hub name or local dir of the tokenizer used to encode zero-shot prompts.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio, seed: see ``VLMModule``.
+    """
+
+    def __init__(
+        self,
+        vision: dict | None = None,
+        text: dict | None = None,
+        multimodal: dict | None = None,
+        projection_dim: int = 768,
+        objectives: Mapping[str, Objective] | None = None,
+        streams: Mapping[str, Mapping[str, float]] | None = None,
+        pretrained_text: str | None = None,
+        pretrained_image: str | None = None,
+        image_codebook: Any = None,
+        codebook_size: int | None = None,
+        mask_token_id: int = 103,
+        special_token_ids: Sequence[int] = BERT_SPECIAL_IDS,
+        text_mask_prob: float = 0.15,
+        image_mask_ratio: float = 0.4,
+        image_mask_min_patches: int = 16,
+        fusion_input: str = "last_layer",
+        contrastive_from_masked: bool = False,
+        tokenizer_vocab_size: int | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        zeroshot_class_names: Sequence[str] | None = None,
+        zeroshot_templates: Sequence[str] | None = None,
+        tokenizer: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            objectives=default_objectives() if objectives is None else objectives,
+            streams=DEFAULT_STREAMS if streams is None else streams,
+            lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+            min_lr_ratio=min_lr_ratio, seed=seed,
+        )
+        if fusion_input not in FUSION_INPUTS:
+            raise VLMConfigError(f"fusion_input={fusion_input!r}: use one of {FUSION_INPUTS}.")
+        if not isinstance(image_codebook, (str, dict, type(None))):
+            self.save_hyperparameters(ignore=["objectives", "image_codebook"])
+        else:
+            self.save_hyperparameters(ignore=["objectives"])
+
+        vcfg = VisionConfig.from_any(vision)
+        if pretrained_image is not None:
+            vcfg.pretrained = pretrained_image
+        tcfg = TextConfig.from_any(text)
+        if pretrained_text is not None:
+            tcfg.kind, tcfg.pretrained = "hf", pretrained_text
+        mcfg = dict(hidden=768, layers=6, heads=12, mlp_ratio=4.0, layer_norm_eps=1e-12)
+        unknown = sorted(set(multimodal or {}) - set(inspect.signature(MultimodalEncoder).parameters))
+        if unknown:
+            raise VLMConfigError(f"Unknown key(s) {unknown} in the multimodal config.")
+        mcfg.update(multimodal or {})
+
+        self.image_encoder = build_vit(vcfg)
+        self.text_encoder = build_text_encoder(tcfg, vocab_size=tokenizer_vocab_size)
+        self.multimodal_encoder = MultimodalEncoder(**mcfg)
+        image_hidden, text_hidden = self.image_encoder.hidden_size, self.text_encoder.hidden_size
+        mm_hidden = self.multimodal_encoder.hidden_size
+        self.image_to_mm_projection = nn.Linear(image_hidden, mm_hidden)
+        self.text_to_mm_projection = nn.Linear(text_hidden, mm_hidden)
+        self.image_projection = nn.Linear(image_hidden, projection_dim)
+        self.text_projection = nn.Linear(text_hidden, projection_dim)
+        for lin in (self.image_to_mm_projection, self.text_to_mm_projection, self.image_projection,
+                    self.text_projection):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        self.image_codebook = build_codebook(image_codebook)
+
+        self.mask_token_id = int(mask_token_id)
+        self.special_token_ids = tuple(int(i) for i in special_token_ids)
+        self.text_mask_prob, self.image_mask_ratio = float(text_mask_prob), float(image_mask_ratio)
+        self.image_mask_min_patches = int(image_mask_min_patches)
+        self.fusion_input = fusion_input
+        self.contrastive_from_masked = bool(contrastive_from_masked)
+        self._vocab_checked = False
+        # (post-norm output, fusion input) of this step's tower passes: lets ``fuse`` map rows handed to it
+        # by an objective (e.g. ITM negatives) back to the pre-norm states FLAVA fuses. Cleared every step.
+        self._fusion_sources: list[tuple[Tensor, Tensor]] = []
+        self._mm_image_tokens = 1 + self.image_encoder.num_patches
+
+        codebook = self.image_codebook.vocab_size if self.image_codebook is not None else codebook_size
+        p = self.image_encoder.patch_size
+        self.dims: dict[str, Any] = {
+            "text_hidden": text_hidden,
+            "image_hidden": image_hidden,
+            "multimodal_hidden": mm_hidden,
+            "vocab_size": self.text_encoder.vocab_size,
+            "codebook_size": int(codebook) if codebook else None,
+            "patch_dim": p * p * int(self.image_encoder.vit.patch_embed.proj.in_channels),
+            "layer_norm_eps": float(mcfg["layer_norm_eps"]),
+            "hidden_act": "gelu",
+        }
+
+        self.zeroshot_class_names = list(zeroshot_class_names) if zeroshot_class_names else None
+        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
+        self.tokenizer_source = tokenizer
+        self._tokenizer = None
+        self._val_retrieval: dict[str, Any] = {}
+        self._val_zeroshot: dict[str, list[Tensor]] = {}
+
+        if activation_checkpointing:
+            for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
+                tower.set_grad_checkpointing(True)
+        if compile:
+            for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
+                tower.compile()  # in place: parameter names (and checkpoints) stay unchanged
+        self.attach_objectives()
+
+    # ============================================================== helpers
+    @staticmethod
+    def _field(batch: Mapping[str, Any], name: str, what: str) -> Any:
+        if batch.get(name) is None:
+            raise MissingBatchField(
+                f"FLAVA needs batch field '{name}' for {what}, but the batch carries {sorted(batch)}. "
+                f"Give stream '{batch.get('stream')}' a dataset/collate that yields it, or remove the objective."
+            )
+        return batch[name]
+
+    def _check_vocab_once(self, input_ids: Tensor) -> None:
+        # One host sync on the first batch only: an id beyond the table would be an opaque CUDA assert later.
+        if self._vocab_checked:
+            return
+        self._vocab_checked = True
+        top = int(input_ids.max()) if input_ids.numel() else 0
+        if top >= self.text_encoder.vocab_size:
+            check_vocab(self.text_encoder, top + 1)
+
+    def compute_losses(self, batch, cache=None):
+        try:
+            return super().compute_losses(batch, cache)
+        finally:
+            self._fusion_sources.clear()  # do not keep this step's graph alive
+
+    # ============================================================== masking
+    def text_masking(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
+        """(input_ids_masked, mlm_labels): the batch's own if given, else BERT masking seeded by the step."""
+        def compute():
+            ids = self._field(batch, "input_ids", "text masking")
+            if batch.get("input_ids_masked") is not None:
+                masked = batch["input_ids_masked"]
+                labels = batch.get("mlm_labels")
+                if labels is None:
+                    labels = torch.where(masked != ids, ids, torch.full_like(ids, -100))
+                return masked, labels
+            from vlm.modules.masking import mask_tokens
+
+            masked, labels = mask_tokens(
+                ids, mask_token_id=self.mask_token_id, vocab_size=self.text_encoder.vocab_size,
+                special_ids=self.special_token_ids, prob=self.text_mask_prob,
+                attention_mask=batch.get("attention_mask"), generator=getattr(cache, "generator", None),
+            )
+            return masked.to(ids.device), labels.to(ids.device)
+
+        return cache.get_or("text_masking", compute)
+
+    def image_masking(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor:
+        """bool[B,N] masked patches: the batch's ``bool_masked_pos`` if given, else block masking."""
+        def compute():
+            pixels = self._field(batch, "pixel_values", "image masking")
+            if batch.get("bool_masked_pos") is not None:
+                return batch["bool_masked_pos"].reshape(pixels.shape[0], -1).to(torch.bool)
+            from vlm.modules.masking import block_mask
+
+            p = self.image_encoder.patch_size
+            grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+            mask = block_mask(
+                pixels.shape[0], grid, ratio=self.image_mask_ratio,
+                min_patches=min(self.image_mask_min_patches, max(1, grid[0] * grid[1] // 4)),
+                generator=getattr(cache, "generator", None),
+            )
+            return mask.to(pixels.device)
+
+        return cache.get_or("image_masking", compute)
+
+    # ============================================================== unimodal towers
+    def _image_pass(self, batch, cache, masked: bool) -> tuple[Tensor, Tensor]:
+        def compute():
+            pixels = self._field(batch, "pixel_values", "the image encoder")
+            mask = self.image_masking(batch, cache) if masked else None
+            out, pre = self.image_encoder(pixels, mask, return_pre_norm=True)
+            self._register_source(out, pre)
+            return out, pre
+
+        return cache.get_or(("image_pass", bool(masked)), compute)
+
+    def _text_pass(self, batch, cache, masked: bool) -> tuple[Tensor, Tensor]:
+        def compute():
+            ids = self.text_masking(batch, cache)[0] if masked else self._field(batch, "input_ids", "the text encoder")
+            self._check_vocab_once(ids)
+            out, pre = self.text_encoder(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
+                                         return_pre_norm=True)
+            self._register_source(out, pre)
+            return out, pre
+
+        return cache.get_or(("text_pass", bool(masked)), compute)
+
+    def image_hidden(self, batch: Mapping[str, Any], cache: StepCache, masked: bool = False) -> Tensor:
+        """Image encoder output ``[B,1+N,D]`` (CLS first), on masked patches if ``masked``."""
+        return self._image_pass(batch, cache, masked)[0]
+
+    def text_hidden(self, batch: Mapping[str, Any], cache: StepCache, masked: bool = False) -> Tensor:
+        """Text encoder output ``[B,L,D]``, on the masked ids if ``masked``."""
+        return self._text_pass(batch, cache, masked)[0]
+
+    def image_targets(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor | None:
+        """Codebook ids ``[B,N]``: the batch's ``mim_labels``, else the image tokenizer's, else None."""
+        def compute():
+            if batch.get("mim_labels") is not None:
+                return batch["mim_labels"].reshape(batch["mim_labels"].shape[0], -1)
+            if self.image_codebook is None:
+                return None
+            if batch.get("codebook_pixel_values") is not None:
+                return self.image_codebook.encode_codebook_pixels(batch["codebook_pixel_values"])
+            pixels = self._field(batch, "pixel_values", "image tokenizer targets")
+            p = self.image_encoder.patch_size
+            return self.image_codebook(pixels, (pixels.shape[-2] // p, pixels.shape[-1] // p))
+
+        return cache.get_or("image_targets", compute)
+
+    def patch_pixels(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor:
+        """Per-patch pixels ``[B,N,P*P*C]`` (MAE-style targets)."""
+        return cache.get_or("patch_pixels", lambda: patchify(
+            self._field(batch, "pixel_values", "pixel targets"), self.image_encoder.patch_size))
+
+    # ============================================================== fusion
+    def _register_source(self, out: Tensor, pre: Tensor) -> None:
+        if self.fusion_input == "last_layer" and out is not pre:
+            self._fusion_sources.append((out, pre))
+
+    def _fusion_state(self, hidden: Tensor) -> Tensor:
+        """The tensor FLAVA fuses for ``hidden`` (a tower output, or rows gathered from one this step)."""
+        if self.fusion_input == "final":
+            return hidden
+        for out, pre in self._fusion_sources:
+            if hidden is out:
+                return pre
+        for out, pre in self._fusion_sources:
+            if out.shape[1:] != hidden.shape[1:]:
+                continue
+            # Rows gathered from a tower output (ITM negatives): find each row's source by its first token.
+            same = (hidden[:, 0, None, :] == out[None, :, 0, :]).all(-1)  # [K, B]
+            if bool(same.any(1).all()):
+                return pre[same.float().argmax(1)]
+        raise VLMConfigError(
+            "FLAVA.fuse got hidden states that are not (rows of) this step's image_hidden/text_hidden outputs, but "
+            "fusion_input='last_layer' fuses the towers' last layer before the final norm. Pass tensors returned by "
+            "image_hidden/text_hidden (row-indexing is fine), or set the model's fusion_input: final."
+        )
+
+    def _fuse(self, image_state: Tensor, text_state: Tensor, text_attention_mask: Tensor | None) -> Tensor:
+        tokens = torch.cat([self.image_to_mm_projection(image_state), self.text_to_mm_projection(text_state)], dim=1)
+        mask = None
+        if text_attention_mask is not None:
+            mask = torch.cat([text_attention_mask.new_ones(image_state.shape[:2]), text_attention_mask], dim=1)
+        self._mm_image_tokens = int(image_state.shape[1])
+        return self.multimodal_encoder(tokens, mask)
+
+    def fuse(self, image_hidden: Tensor, text_hidden: Tensor, text_attention_mask: Tensor | None = None) -> Tensor:
+        """Multimodal hidden ``[B,1+Ni+L,D]`` of arbitrary (image, text) pairings, e.g. ITM negatives."""
+        return self._fuse(self._fusion_state(image_hidden), self._fusion_state(text_hidden), text_attention_mask)
+
+    def multimodal_hidden(self, batch: Mapping[str, Any], cache: StepCache, masked: bool = True) -> Tensor:
+        """Fused output ``[B,1+Ni+L,D]`` of the batch's pairs (multimodal CLS, image tokens, text tokens)."""
+        def compute():
+            image_out, image_pre = self._image_pass(batch, cache, masked)
+            text_out, text_pre = self._text_pass(batch, cache, masked)
+            last = self.fusion_input == "last_layer"
+            return self._fuse(image_pre if last else image_out, text_pre if last else text_out,
+                              batch.get("attention_mask"))
+
+        return cache.get_or(("multimodal_hidden", bool(masked)), compute)
+
+    def split_multimodal(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(image part ``[B,1+N,D]`` with the image CLS first, text part ``[B,L,D]``) of a fused output."""
+        n = self._mm_image_tokens
+        return hidden[:, 1:1 + n], hidden[:, 1 + n:]
+
+    def positive_rows(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor:
+        """bool[B]: rows whose image and text match (``itm_labels != 0``; all rows if none or no labels)."""
+        def compute():
+            labels = batch.get("itm_labels")
+            if labels is None:
+                size = self.batch_size_of(batch)
+                device = batch["pixel_values"].device if "pixel_values" in batch else None
+                return torch.ones(size, dtype=torch.bool, device=device)
+            pos = labels.reshape(-1).ne(0)
+            return pos | ~pos.any()  # as HF FLAVA: a batch without any match keeps every row
+
+        return cache.get_or("positive_rows", compute)
+
+    # ============================================================== contrastive
+    def image_embedding(self, image_hidden: Tensor) -> Tensor:
+        """L2-normalised contrastive embedding from the image encoder's CLS."""
+        return F.normalize(self.image_projection(image_hidden[:, 0]), dim=-1)
+
+    def text_embedding(self, text_hidden: Tensor) -> Tensor:
+        """L2-normalised contrastive embedding from the text encoder's first ([CLS]) token."""
+        return F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)
+
+    def contrastive_embeddings(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
+        """(image_emb, text_emb) ``[B,E]``, L2-normalised, from the unmasked passes (see ``contrastive_from_masked``)."""
+        def compute():
+            masked = self.contrastive_from_masked
+            return (self.image_embedding(self.image_hidden(batch, cache, masked=masked)),
+                    self.text_embedding(self.text_hidden(batch, cache, masked=masked)))
+
+        return cache.get_or("contrastive_embeddings", compute)
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """Contrastive image embeddings ``[B,E]`` (inference)."""
+        return self.image_embedding(self.image_encoder(pixel_values))
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Contrastive text embeddings ``[B,E]`` (inference)."""
+        return self.text_embedding(self.text_encoder(input_ids, attention_mask))
+
+    # ============================================================== validation: zero-shot metrics
+    def _get_tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_source is None:
+                raise VLMConfigError(
+                    "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
+                    "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
+                )
+            from transformers import AutoTokenizer
+
+            from vlm import hub
+
+            self._tokenizer = hub.call_hub(AutoTokenizer.from_pretrained, self.tokenizer_source, "Tokenizer")
+        return self._tokenizer
+
+    def _encode_prompts(self, texts: list[str]) -> Tensor:
+        tok = self._get_tokenizer()
+        enc = tok(texts, padding=True, truncation=True, max_length=min(77, getattr(tok, "model_max_length", 77)),
+                  return_tensors="pt")
+        return self.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_retrieval, self._val_zeroshot = {}, {}
+        self._zeroshot_weights = None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
+        loss = super().validation_step(batch, batch_idx, dataloader_idx)
+        stream = str(batch.get("stream"))
+        if batch.get("pair_id") is not None and batch.get("input_ids") is not None and "pixel_values" in batch:
+            from vlm.metrics.retrieval import RetrievalRecall
+
+            metric = self._val_retrieval.get(stream)
+            if metric is None:
+                metric = self._val_retrieval[stream] = RetrievalRecall().to(self.device)
+            metric.update(self.encode_image(batch["pixel_values"]),
+                          self.encode_text(batch["input_ids"], batch.get("attention_mask")),
+                          batch["pair_id"])
+        if batch.get("class_index") is not None and "pixel_values" in batch and self.zeroshot_class_names:
+            if getattr(self, "_zeroshot_weights", None) is None:
+                from vlm.metrics.retrieval import zero_shot_classifier
+
+                self._zeroshot_weights = zero_shot_classifier(
+                    self._encode_prompts, self.zeroshot_class_names, self.zeroshot_templates)
+            logits = self.encode_image(batch["pixel_values"]) @ self._zeroshot_weights.to(self.device).T
+            hits = (logits.argmax(-1) == batch["class_index"].reshape(-1)).float()
+            self._val_zeroshot.setdefault(stream, []).append(hits)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        for stream, metric in self._val_retrieval.items():
+            suffix = "" if len(self._val_retrieval) == 1 else f"/{stream}"
+            for k, v in metric.compute().items():
+                self.log(f"val/retrieval/{k}{suffix}", v, sync_dist=False)
+        for stream, hits in self._val_zeroshot.items():
+            suffix = "" if len(self._val_zeroshot) == 1 else f"/{stream}"
+            hits_t = torch.cat(hits)
+            self.log(f"val/zeroshot/top1{suffix}", hits_t.mean(), batch_size=hits_t.numel(), sync_dist=True)
+        self._val_retrieval, self._val_zeroshot = {}, {}
+
+
+def flava_flops_per_sample(model: FLAVA, text_len: int, image_size: int | None = None,
+                           passes: Mapping[str, int] | None = None) -> float:
+    """Analytic training FLOPs per sample (forward + backward = 3x forward) of the tower passes in ``passes``.
+
+    Per transformer layer on ``n`` tokens of width ``d`` and MLP ``m``: matmuls ``2n(4d^2 + 2dm)`` and attention
+    ``4n^2 d`` (scores and weighted sum). ``passes`` counts passes per tower (default: GC+ITM+MMM, i.e. image 2,
+    text 2, multimodal 1). Heads and embeddings are left out (small next to the towers).
+    """
+    passes = dict(passes or {"image": 2, "text": 2, "multimodal": 1})
+    vit = model.image_encoder.vit
+    img = image_size or int(vit.patch_embed.img_size[0])
+    n_img = 1 + (img // model.image_encoder.patch_size) ** 2
+
+    def tower(n: int, d: int, m: int, layers: int) -> float:
+        return layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
+
+    def stack_dims(blocks) -> tuple[int, int, int]:
+        b = blocks[0]
+        return len(blocks), b.mlp.fc1.in_features, b.mlp.fc1.out_features
+
+    li, di, mi = stack_dims(vit.blocks)
+    image = tower(n_img, di, mi, li) + 2 * n_img * di * 3 * model.image_encoder.patch_size ** 2
+    te = model.text_encoder
+    if hasattr(te, "encoder") and isinstance(te.encoder, PreNormStack):
+        lt, dt, mt = stack_dims(te.encoder.blocks)
+    else:
+        c = te.config
+        lt, dt, mt = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    text = tower(text_len, dt, mt, lt)
+    lm, dm, mm = stack_dims(model.multimodal_encoder.encoder.blocks)
+    n_mm = 1 + n_img + text_len
+    multi = tower(n_mm, dm, mm, lm) + 2 * (n_img * di + text_len * dt) * dm
+    fwd = passes.get("image", 0) * image + passes.get("text", 0) * text + passes.get("multimodal", 0) * multi
+    return 3.0 * fwd
+
+
+__all__ = ["FLAVA", "MultimodalEncoder", "DEFAULT_STREAMS", "default_objectives", "flava_flops_per_sample"]
