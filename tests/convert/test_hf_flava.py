@@ -117,10 +117,6 @@ def test_gc_loss_matches_transformers_on_matched_batch(pair):
     close(gc.loss, ref.loss_info.global_contrastive)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GlobalContrastive drops the texts/images of mismatched (itm_labels=0) rows from the columns too; HF FLAVA "
-    "keeps them as extra negatives (logits_per_image[pos_mask] over all B columns). Remove this mark once "
-    "vlm/objectives/contrastive.py offers HF's convention."))
 def test_gc_loss_matches_transformers_with_itm_negatives(pair):
     hf, ours = pair
     batch = make_batch()

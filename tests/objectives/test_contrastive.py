@@ -91,8 +91,9 @@ def test_fixed_temperature_is_not_trained():
     assert obj.logit_scale.grad is None and img.grad is not None
 
 
-@pytest.mark.parametrize("cls", [GlobalContrastive, SigmoidContrastive])
+@pytest.mark.parametrize("cls", [lambda: GlobalContrastive(mismatched_as_candidates=False), SigmoidContrastive])
 def test_positive_rows_equals_loss_on_filtered_rows(cls):
+    """Dropping mismatched rows entirely (SigLIP; GC with mismatched_as_candidates=False)."""
     img, txt = features(b=10, dtype=torch.float64)
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
     obj = cls().double()
@@ -159,3 +160,32 @@ def test_bad_configs_and_shapes_give_clear_errors():
     _, txt = features(b=4, e=6)
     with pytest.raises(VLMConfigError, match="equal shape"):
         run(GlobalContrastive(), img, txt)
+
+
+def test_mismatched_rows_stay_as_candidates_but_not_queries():
+    """FLAVA's convention, against a float64 hand computation: queries are the matching rows, candidates all rows."""
+    from vlm.objectives.contrastive import GlobalContrastive
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    keep = torch.tensor([True, False, True, True, False, True])
+    gc = GlobalContrastive().double()
+    out = gc.loss_from_features(img, txt, keep)
+    scale = math.exp(math.log(1 / 0.07))
+    logits = scale * img @ txt.T
+    rows = keep.nonzero().squeeze(1)
+    expect = 0.0
+    for r in rows.tolist():
+        i2t = -torch.log_softmax(logits[r], 0)[r]
+        t2i = -torch.log_softmax(logits[:, r], 0)[r]
+        expect += (i2t + t2i) / 2
+    expect /= len(rows)
+    torch.testing.assert_close(out.loss, expect)
+    # all rows kept is plain InfoNCE; dropping the mismatched rows entirely differs
+    dropped = GlobalContrastive(mismatched_as_candidates=False).double()
+    plain = gc.loss_from_features(img[keep], txt[keep])
+    assert not torch.isclose(out.loss, plain.loss)
+    torch.testing.assert_close(gc.loss_from_features(img, txt, torch.ones(6, dtype=torch.bool)).loss,
+                               gc.loss_from_features(img, txt).loss)
+    assert dropped.mismatched_as_candidates is False

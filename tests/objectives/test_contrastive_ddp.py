@@ -32,7 +32,10 @@ CASES = {
     "gc_gather_with_grad": (GlobalContrastive, {"gather_with_grad": True}, EVEN, False),
     "gc_local_loss": (GlobalContrastive, {"gather_with_grad": True, "local_loss": True}, EVEN, False),
     "gc_no_grad_gather": (GlobalContrastive, {"gather_with_grad": False}, EVEN, False),
-    "gc_local_uneven_filtered": (GlobalContrastive, {"local_loss": True}, UNEVEN, True),
+    "gc_local_uneven_filtered": (GlobalContrastive, {"local_loss": True, "mismatched_as_candidates": False}, UNEVEN, True),
+    # FLAVA's convention: mismatched rows are candidates, never queries
+    "gc_local_uneven_candidates": (GlobalContrastive, {"local_loss": True}, UNEVEN, True),
+    "gc_gather_uneven_candidates": (GlobalContrastive, {"gather_with_grad": True}, UNEVEN, True),
     "siglip_gather": (SigmoidContrastive, {"dist_impl": "gather"}, EVEN, False),
     "siglip_ring": (SigmoidContrastive, {"dist_impl": "ring"}, EVEN, False),
     "siglip_ring_chunked_uneven_filtered": (SigmoidContrastive, {"dist_impl": "ring", "chunk_size": 2}, UNEVEN, True),
@@ -85,7 +88,15 @@ def _worker(rank, init_file, out_dir):
 
 def reference(name, img, txt, keep):
     """Float64 loss on the whole (filtered) batch, written from the papers' formulas."""
-    cls = CASES[name][0]
+    cls, kwargs = CASES[name][0], CASES[name][1]
+    if cls is GlobalContrastive and kwargs.get("mismatched_as_candidates", True):
+        # queries: matching rows; candidates: every row of the global batch
+        log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+        logits = log_scale.exp() * img @ txt.T
+        q = keep.nonzero().squeeze(1)
+        i2t = -logits.log_softmax(1)[q, q].mean()
+        t2i = -logits.log_softmax(0)[q, q].mean()
+        return (i2t + t2i) / 2, log_scale, None
     img, txt = img[keep], txt[keep]
     n = img.shape[0]
     if cls is GlobalContrastive:
@@ -106,7 +117,7 @@ def reference(name, img, txt, keep):
 def test_distributed_losses_equal_single_process_global_batch():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     for name, (_, _, sizes, filtered) in CASES.items():
         img, txt, keep = global_batch(sizes)
         if not filtered:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from vlm.errors import VLMConfigError
 from vlm.objectives.base import Objective, ObjectiveOutput, StepCache
 from vlm.objectives.distributed import (
+    all_gather_no_grad,
     all_gather_with_grad,
     gather_features,
     gather_sizes,
@@ -33,13 +34,20 @@ from vlm.objectives.distributed import (
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def _embeddings(model: nn.Module, batch: Mapping[str, Any], cache: StepCache, who: str) -> tuple[Tensor, Tensor]:
+def _embeddings(
+    model: nn.Module, batch: Mapping[str, Any], cache: StepCache, who: str, filter_rows: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(image, text, keep): ``keep`` is the model's ``positive_rows`` (None when every row matches).
+
+    With ``filter_rows`` the mismatched rows are dropped here (keep is then None).
+    """
     image, text = model.contrastive_embeddings(batch, cache)
     if image.dim() != 2 or text.dim() != 2 or image.shape != text.shape:
         raise VLMConfigError(
             f"{who}: model.contrastive_embeddings must return two [B, E] tensors of equal shape, got "
             f"{tuple(image.shape)} and {tuple(text.shape)}. Project both towers to the same embedding size."
         )
+    keep = None
     if callable(getattr(model, "positive_rows", None)):
         keep = model.positive_rows(batch, cache)
         if keep.shape != (image.shape[0],):
@@ -47,8 +55,9 @@ def _embeddings(model: nn.Module, batch: Mapping[str, Any], cache: StepCache, wh
                 f"{who}: model.positive_rows must return a bool[B] with B={image.shape[0]}, got shape {tuple(keep.shape)}."
             )
         keep = keep.to(device=image.device, dtype=torch.bool)
-        image, text = image[keep], text[keep]
-    return image, text
+        if filter_rows:
+            image, text, keep = image[keep], text[keep], None
+    return image, text, keep
 
 
 def _disconnected_zero(*tensors: Tensor) -> Tensor:
@@ -90,6 +99,9 @@ class GlobalContrastive(_LearnableScale):
         local_loss: each rank scores only its own rows against all gathered rows (memory linear in the
             global batch instead of quadratic); needs ``gather_with_grad``.
         max_logit_scale: upper clamp of ``logit_scale`` (log 100 as in CLIP/FLAVA).
+        mismatched_as_candidates: when the batch holds mismatched (ITM negative) rows, FLAVA's convention:
+            they are not queries, but their images/texts stay in the batch as extra candidates. ``False``
+            drops them entirely. Either way a batch without negatives is plain InfoNCE.
     """
 
     name = "gc"
@@ -102,9 +114,11 @@ class GlobalContrastive(_LearnableScale):
         gather_with_grad: bool = True,
         local_loss: bool = False,
         max_logit_scale: float = MAX_LOGIT_SCALE,
+        mismatched_as_candidates: bool = True,
     ) -> None:
         if init_temperature <= 0:
             raise VLMConfigError(f"GlobalContrastive: init_temperature must be > 0, got {init_temperature}.")
+        self.mismatched_as_candidates = mismatched_as_candidates
         super().__init__(math.log(1.0 / init_temperature), learnable_temperature, max_logit_scale)
         if local_loss and not gather_with_grad:
             raise VLMConfigError(
@@ -115,15 +129,22 @@ class GlobalContrastive(_LearnableScale):
         self.local_loss = local_loss
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> ObjectiveOutput:
-        image, text = _embeddings(model, batch, cache, "GlobalContrastive")
-        return self.loss_from_features(image, text)
+        image, text, keep = _embeddings(model, batch, cache, "GlobalContrastive",
+                                        filter_rows=not self.mismatched_as_candidates)
+        return self.loss_from_features(image, text, keep)
 
-    def loss_from_features(self, image: Tensor, text: Tensor) -> ObjectiveOutput:
-        """The objective on already-selected local features (this rank's rows)."""
+    def loss_from_features(self, image: Tensor, text: Tensor, keep: Tensor | None = None) -> ObjectiveOutput:
+        """The objective on this rank's features; ``keep`` (bool[B]) marks the rows that are queries."""
         scale = self.scale()
         world, rank = get_world_size(), get_rank()
         sizes = gather_sizes(image.shape[0], image.device)
         total = sum(sizes)
+        if keep is not None:
+            queries = gather_sizes(int(keep.sum()), image.device)
+            if sum(queries) == total:
+                keep = None  # every row matches: plain InfoNCE
+            elif sum(queries) == 0:
+                total = 0
         if total == 0:
             zero = image.new_zeros(())
             return ObjectiveOutput(_disconnected_zero(image, text, scale),
@@ -138,17 +159,23 @@ class GlobalContrastive(_LearnableScale):
         if self.local_loss:
             # Rows: this rank's pairs; columns: all pairs. Positives sit at the rank's offset.
             labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[:rank])
-            logits_i2t = scale * image @ all_text.T
-            logits_t2i = scale * text @ all_image.T
+            q_image, q_text, n_queries = image, text, total
+            if keep is not None:
+                q_image, q_text, labels, n_queries = image[keep], text[keep], labels[keep], sum(queries)
+            logits_i2t = scale * q_image @ all_text.T
+            logits_t2i = scale * q_text @ all_image.T
             summed = F.cross_entropy(logits_i2t, labels, reduction="sum") + F.cross_entropy(
                 logits_t2i, labels, reduction="sum"
             )
             # The rank's share of the global mean: averaging over ranks (DDP) gives the global-batch loss.
-            loss = summed * (world / (2.0 * total))
+            loss = summed * (world / (2.0 * n_queries))
         else:
             labels = torch.arange(total, device=image.device)
             logits_i2t = scale * all_image @ all_text.T
             logits_t2i = logits_i2t.T
+            if keep is not None:
+                all_keep = all_gather_no_grad(keep.float()[:, None], sizes, keep_local_grad=False)[:, 0].bool()
+                logits_i2t, logits_t2i, labels = logits_i2t[all_keep], logits_t2i[all_keep], labels[all_keep]
             loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
         with torch.no_grad():
             metrics = {
@@ -208,7 +235,7 @@ class SigmoidContrastive(_LearnableScale):
         self.dist_impl = dist_impl
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> ObjectiveOutput:
-        image, text = _embeddings(model, batch, cache, "SigmoidContrastive")
+        image, text, _ = _embeddings(model, batch, cache, "SigmoidContrastive")
         return self.loss_from_features(image, text)
 
     def _block(self, image: Tensor, text: Tensor, scale: Tensor, positive_offset: int) -> Tensor:
