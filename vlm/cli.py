@@ -27,9 +27,27 @@ class VLMCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
-    @staticmethod
-    def subcommands():
-        return LightningCLI.subcommands()
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps our errors in a long union-validation message
+            cause = _config_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _config_error_in(err: BaseException | None):
+    """The first VLMConfigError in an exception's cause/context chain, if any."""
+    from vlm.errors import VLMConfigError
+
+    seen = 0
+    while err is not None and seen < 32:
+        if isinstance(err, VLMConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def _extras(argv: list[str]) -> int | None:
@@ -53,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     if argv[:1] in (["-h"], ["--help"]):
         print("Extra subcommands:\n  " + "\n  ".join(EXTRAS.values()) + "\n", file=sys.stderr)
-    VLMCLI(args=None if from_shell else argv)
+    try:
+        VLMCLI(args=None if from_shell else argv)
+    except Exception as err:
+        cause = _config_error_in(err)
+        if cause is None:
+            raise
+        # a problem the user fixes in the config or environment: one message, no traceback
+        print(f"vlm: error: {cause}", file=sys.stderr)
+        return 2
     return 0
 
 

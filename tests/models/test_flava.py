@@ -25,8 +25,8 @@ def _instantiate(spec):
 
 
 def tiny_kwargs(**overrides):
-    """init_args of conf/flava/model_tiny.yaml, objectives instantiated as LightningCLI would."""
-    cfg = yaml.safe_load((ROOT / "conf/flava/model_tiny.yaml").read_text())["model"]
+    """init_args of the model in conf/flava/tiny.yaml, objectives instantiated as LightningCLI would."""
+    cfg = yaml.safe_load((ROOT / "conf/flava/tiny.yaml").read_text())["model"]
     assert cfg["class_path"] == "vlm.models.flava.FLAVA"
     kwargs = dict(cfg["init_args"])
     kwargs["objectives"] = {k: _instantiate(v) for k, v in kwargs["objectives"].items()}

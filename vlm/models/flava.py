@@ -438,11 +438,10 @@ class FLAVA(VLMModule):
                     "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
                     "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
                 )
-            from transformers import AutoTokenizer
+            from vlm.data.tokenizers import load_tokenizer
 
-            from vlm import hub
-
-            self._tokenizer = hub.call_hub(AutoTokenizer.from_pretrained, self.tokenizer_source, "Tokenizer")
+            # "minilm" (FLAVA's uncased WordPiece, shipped offline), a local dir or a hub name
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
         return self._tokenizer
 
     def _encode_prompts(self, texts: list[str]) -> Tensor:
