@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (outputs are not committed)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     cli = VLMCLI(args=["fit", "--config", args.config, *extra], trainer_defaults={"callbacks": [history]})
     train_s = time.time() - t0
     model, trainer = cli.model, cli.trainer
+    streams = ", ".join(f"{s}->{'+'.join(ws)}" for s, ws in model.stream_weights.items())
     print(f"\ntrained {trainer.global_step} optimizer steps in {train_s / 60:.1f} min "
-          f"(streams {', '.join(f'{s}->{"+".join(ws)}' for s, ws in model.stream_weights.items())}; "
-          f"schedule {type(cli.datamodule.schedule).__name__})")
+          f"(streams {streams}; schedule {type(cli.datamodule.schedule).__name__})")
 
     print("\nloss per stream and objective (mean of the first -> last tenth of training):")
     for key, (first, last) in sorted(history.first_last().items()):
