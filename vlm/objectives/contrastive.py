@@ -134,17 +134,14 @@ class GlobalContrastive(_LearnableScale):
         return self.loss_from_features(image, text, keep)
 
     def loss_from_features(self, image: Tensor, text: Tensor, keep: Tensor | None = None) -> ObjectiveOutput:
-        """The objective on this rank's features; ``keep`` (bool[B]) marks the rows that are queries."""
+        """The objective on this rank's features; ``keep`` (bool[B]) marks the rows that are queries.
+
+        Rows outside ``keep`` are weighted out rather than indexed away, so the step needs no device->host sync.
+        """
         scale = self.scale()
         world, rank = get_world_size(), get_rank()
         sizes = gather_sizes(image.shape[0], image.device)
         total = sum(sizes)
-        if keep is not None:
-            queries = gather_sizes(int(keep.sum()), image.device)
-            if sum(queries) == total:
-                keep = None  # every row matches: plain InfoNCE
-            elif sum(queries) == 0:
-                total = 0
         if total == 0:
             zero = image.new_zeros(())
             return ObjectiveOutput(_disconnected_zero(image, text, scale),
@@ -156,33 +153,37 @@ class GlobalContrastive(_LearnableScale):
         all_image, all_text = gather_features(
             image, text, gather_with_grad=self.gather_with_grad, local_loss=self.local_loss, sizes=sizes
         )
+        if keep is not None:
+            keep = keep.to(image.dtype)
+            all_keep = all_gather_no_grad(keep[:, None], sizes, keep_local_grad=False)[:, 0]
         if self.local_loss:
             # Rows: this rank's pairs; columns: all pairs. Positives sit at the rank's offset.
             labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[:rank])
-            q_image, q_text, n_queries = image, text, total
-            if keep is not None:
-                q_image, q_text, labels, n_queries = image[keep], text[keep], labels[keep], sum(queries)
-            logits_i2t = scale * q_image @ all_text.T
-            logits_t2i = scale * q_text @ all_image.T
-            summed = F.cross_entropy(logits_i2t, labels, reduction="sum") + F.cross_entropy(
-                logits_t2i, labels, reduction="sum"
-            )
-            # The rank's share of the global mean: averaging over ranks (DDP) gives the global-batch loss.
-            loss = summed * (world / (2.0 * n_queries))
+            logits_i2t = scale * image @ all_text.T
+            logits_t2i = scale * text @ all_image.T
+            weights = keep
+            n_queries = total if keep is None else all_keep.sum().clamp_min(1.0)
         else:
             labels = torch.arange(total, device=image.device)
             logits_i2t = scale * all_image @ all_text.T
             logits_t2i = logits_i2t.T
-            if keep is not None:
-                all_keep = all_gather_no_grad(keep.float()[:, None], sizes, keep_local_grad=False)[:, 0].bool()
-                logits_i2t, logits_t2i, labels = logits_i2t[all_keep], logits_t2i[all_keep], labels[all_keep]
-            loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+            weights = None if keep is None else all_keep
+            n_queries = total if keep is None else all_keep.sum().clamp_min(1.0)
+        per_row = F.cross_entropy(logits_i2t, labels, reduction="none") + F.cross_entropy(
+            logits_t2i, labels, reduction="none"
+        )
+        summed = per_row.sum() if weights is None else (per_row * weights).sum()
+        # local_loss: the rank's share of the global mean, so averaging over ranks (DDP) gives the global loss
+        loss = summed * ((world if self.local_loss else 1) / (2.0 * n_queries))
         with torch.no_grad():
-            metrics = {
-                "i2t_accuracy": (logits_i2t.argmax(1) == labels).float().mean(),
-                "t2i_accuracy": (logits_t2i.argmax(1) == labels).float().mean(),
-                **self._scale_metrics(scale),
-            }
+            hits_i2t = (logits_i2t.argmax(1) == labels).float()
+            hits_t2i = (logits_t2i.argmax(1) == labels).float()
+            if weights is None:
+                acc_i2t, acc_t2i = hits_i2t.mean(), hits_t2i.mean()
+            else:
+                denom = weights.sum().clamp_min(1.0)
+                acc_i2t, acc_t2i = (hits_i2t * weights).sum() / denom, (hits_t2i * weights).sum() / denom
+            metrics = {"i2t_accuracy": acc_i2t, "t2i_accuracy": acc_t2i, **self._scale_metrics(scale)}
         return ObjectiveOutput(loss, metrics)
 
 
