@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.data.conftest import minilm_vocab
 from vlm.data.tokenizers import (
     END_OF_CHUNK,
     IMAGE_TOKEN,
@@ -15,22 +16,10 @@ from vlm.data.tokenizers import (
     synthetic_tokenizer_dir,
 )
 from vlm.errors import OfflineHubError, VLMConfigError
-from vlm.hub import minilm_path
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # one trained synthetic tokenizer per test session directory, never the user's home cache
-    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vlm-cache"))
-
-
-def _vocab() -> dict[str, int]:
-    lines = (minilm_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    return {tok: i for i, tok in enumerate(lines)}
 
 
 def test_minilm_gives_the_real_bert_ids():
-    vocab = _vocab()
+    vocab = minilm_vocab()
     tok = load_tokenizer("minilm")
     assert len(tok) == len(vocab) == 30522
     expected = [vocab["[CLS]"], vocab["a"], vocab["red"], vocab["circle"], vocab["[SEP]"]]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.data.conftest import minilm_vocab
 from vlm.data.collate import collate
 from vlm.data.synthetic import make_document, make_pair
 from vlm.data.tokenizers import END_OF_CHUNK, IMAGE_TOKEN
@@ -19,17 +20,6 @@ from vlm.data.transforms import (
     TextTransform,
 )
 from vlm.errors import VLMConfigError
-from vlm.hub import minilm_path
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vlm-cache"))
-
-
-def _vocab() -> dict[str, int]:
-    lines = (minilm_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    return {tok: i for i, tok in enumerate(lines)}
 
 
 def test_image_transform_normalises_each_channel():
@@ -48,7 +38,7 @@ def test_image_transform_normalises_each_channel():
 
 
 def test_image_text_transform_with_the_bert_vocabulary():
-    vocab = _vocab()
+    vocab = minilm_vocab()
     s = make_pair(0, image_size=32)
     s["captions"]["en"] = s["caption"] = "a red circle at the top left"
     out = ImageTextTransform(tokenizer="minilm", max_length=16, image_size=32)(s)
@@ -75,7 +65,7 @@ def test_transforms_pass_none_and_skips_into_collate():
 
 
 def test_text_and_image_only():
-    vocab = _vocab()
+    vocab = minilm_vocab()
     out = TextTransform("minilm", max_length=6)({"text": "a square has four equal sides"})
     # truncated to 6 with [SEP] kept last
     assert out["input_ids"].tolist() == [vocab[w] for w in ["[CLS]", "a", "square", "has", "four", "[SEP]"]]

@@ -114,20 +114,15 @@ def test_in_batch_negatives_reuse_the_tower_passes(tiny):
 
 
 def test_fused_negatives_equal_fusing_the_pairs_directly(tiny):
-    """fuse() on rows gathered from tower outputs = multimodal pass on a batch holding those pairs."""
+    """fuse() of (image perm[i], text i) = the multimodal pass of a batch that holds those pairs."""
     tiny.eval()
     batch = make_batch("pairs")
     perm = torch.tensor([2, 0, 3, 1])
     swapped = dict(batch, pixel_values=batch["pixel_values"][perm])
     with torch.no_grad():
-        cache = StepCache()
-        fused = tiny.fuse(tiny.image_hidden(batch, cache, masked=False)[perm],
-                          tiny.text_hidden(batch, cache, masked=False), batch["attention_mask"])
+        fused = tiny.fuse(batch, StepCache(), perm, torch.arange(4), masked=False)
         direct = tiny.multimodal_hidden(swapped, StepCache(), masked=False)
-    tiny._fusion_sources.clear()
     torch.testing.assert_close(fused, direct, rtol=1e-5, atol=1e-5)
-    with pytest.raises(VLMConfigError, match="fusion_input"):
-        tiny.fuse(torch.randn(4, 65, 128), torch.randn(4, L, 128), None)
 
 
 def test_zero_weight_objective_never_runs():

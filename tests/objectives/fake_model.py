@@ -162,7 +162,14 @@ class FakeVLM(nn.Module):
         return self._memo(cache, ("image_hidden", masked), compute)
 
     # ------------------------------------------------------------------ fusion
-    def fuse(self, image_hidden: Tensor, text_hidden: Tensor, text_attention_mask: Tensor) -> Tensor:
+    def fuse(self, batch: Mapping[str, Any], cache, image_index: Tensor, text_index: Tensor, masked: bool) -> Tensor:
+        """Pairings (image row i, text row j) of this batch, fused from the cached encoder outputs."""
+        ids = batch["input_ids"]
+        attn = batch.get("attention_mask", torch.ones_like(ids))
+        return self._fuse(self.image_hidden(batch, cache, masked)[image_index],
+                          self.text_hidden(batch, cache, masked)[text_index], attn[text_index])
+
+    def _fuse(self, image_hidden: Tensor, text_hidden: Tensor, text_attention_mask: Tensor) -> Tensor:
         """``[B, 1 + (1+N) + L, Dm]``: multimodal CLS, image part (CLS + patches), text part."""
         self.calls["fuse"] += 1
         img = self.image_to_mm(image_hidden)
@@ -178,7 +185,7 @@ class FakeVLM(nn.Module):
         def compute():
             ids = batch["input_ids"]
             attn = batch.get("attention_mask", torch.ones_like(ids))
-            return self.fuse(self.image_hidden(batch, cache, masked), self.text_hidden(batch, cache, masked), attn)
+            return self._fuse(self.image_hidden(batch, cache, masked), self.text_hidden(batch, cache, masked), attn)
 
         return self._memo(cache, ("multimodal_hidden", masked), compute)
 

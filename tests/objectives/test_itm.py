@@ -123,7 +123,7 @@ def test_in_batch_modes_match_reference(mode):
     img, txt = obj.negative_pairs(model, batch, cache_with_seed(7))
     assert len(img) == 6
     pos = model.multimodal_hidden(batch, cache, masked=True)[:, 0]
-    neg = model.fuse(
+    neg = model._fuse(
         model.image_hidden(batch, cache, masked=True)[img],
         model.text_hidden(batch, cache, masked=True)[txt],
         batch["attention_mask"][txt],

@@ -189,7 +189,6 @@ class FLAVA(VLMModule):
         self._vocab_checked = False
         # (post-norm output, fusion input) of this step's tower passes: lets ``fuse`` map rows handed to it
         # by an objective (e.g. ITM negatives) back to the pre-norm states FLAVA fuses. Cleared every step.
-        self._fusion_sources: list[tuple[Tensor, Tensor]] = []
         self._mm_image_tokens = 1 + self.image_encoder.num_patches
 
         codebook = self.image_codebook.vocab_size if self.image_codebook is not None else codebook_size
@@ -239,12 +238,6 @@ class FLAVA(VLMModule):
         if top >= self.text_encoder.vocab_size:
             check_vocab(self.text_encoder, top + 1)
 
-    def compute_losses(self, batch, cache=None):
-        try:
-            return super().compute_losses(batch, cache)
-        finally:
-            self._fusion_sources.clear()  # do not keep this step's graph alive
-
     # ============================================================== masking
     def text_masking(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
         """(input_ids_masked, mlm_labels): the batch's own if given, else BERT masking seeded by the step."""
@@ -292,7 +285,6 @@ class FLAVA(VLMModule):
             pixels = self._field(batch, "pixel_values", "the image encoder")
             mask = self.image_masking(batch, cache) if masked else None
             out, pre = self.image_encoder(pixels, mask, return_pre_norm=True)
-            self._register_source(out, pre)
             return out, pre
 
         return cache.get_or(("image_pass", bool(masked)), compute)
@@ -303,7 +295,6 @@ class FLAVA(VLMModule):
             self._check_vocab_once(ids)
             out, pre = self.text_encoder(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
                                          return_pre_norm=True)
-            self._register_source(out, pre)
             return out, pre
 
         return cache.get_or(("text_pass", bool(masked)), compute)
@@ -337,30 +328,6 @@ class FLAVA(VLMModule):
             self._field(batch, "pixel_values", "pixel targets"), self.image_encoder.patch_size))
 
     # ============================================================== fusion
-    def _register_source(self, out: Tensor, pre: Tensor) -> None:
-        if self.fusion_input == "last_layer" and out is not pre:
-            self._fusion_sources.append((out, pre))
-
-    def _fusion_state(self, hidden: Tensor) -> Tensor:
-        """The tensor FLAVA fuses for ``hidden`` (a tower output, or rows gathered from one this step)."""
-        if self.fusion_input == "final":
-            return hidden
-        for out, pre in self._fusion_sources:
-            if hidden is out:
-                return pre
-        for out, pre in self._fusion_sources:
-            if out.shape[1:] != hidden.shape[1:]:
-                continue
-            # Rows gathered from a tower output (ITM negatives): find each row's source by its first token.
-            same = (hidden[:, 0, None, :] == out[None, :, 0, :]).all(-1)  # [K, B]
-            if bool(same.any(1).all()):
-                return pre[same.float().argmax(1)]
-        raise VLMConfigError(
-            "FLAVA.fuse got hidden states that are not (rows of) this step's image_hidden/text_hidden outputs, but "
-            "fusion_input='last_layer' fuses the towers' last layer before the final norm. Pass tensors returned by "
-            "image_hidden/text_hidden (row-indexing is fine), or set the model's fusion_input: final."
-        )
-
     def _fuse(self, image_state: Tensor, text_state: Tensor, text_attention_mask: Tensor | None) -> Tensor:
         tokens = torch.cat([self.image_to_mm_projection(image_state), self.text_to_mm_projection(text_state)], dim=1)
         mask = None
@@ -369,18 +336,29 @@ class FLAVA(VLMModule):
         self._mm_image_tokens = int(image_state.shape[1])
         return self.multimodal_encoder(tokens, mask)
 
-    def fuse(self, image_hidden: Tensor, text_hidden: Tensor, text_attention_mask: Tensor | None = None) -> Tensor:
-        """Multimodal hidden ``[B,1+Ni+L,D]`` of arbitrary (image, text) pairings, e.g. ITM negatives."""
-        return self._fuse(self._fusion_state(image_hidden), self._fusion_state(text_hidden), text_attention_mask)
+    def _fusion_inputs(self, batch, cache, masked: bool) -> tuple[Tensor, Tensor]:
+        """What FLAVA fuses: each tower's last layer before its final norm (``last_layer``) or its output."""
+        image_out, image_pre = self._image_pass(batch, cache, masked)
+        text_out, text_pre = self._text_pass(batch, cache, masked)
+        if self.fusion_input == "last_layer":
+            return image_pre, text_pre
+        return image_out, text_out
+
+    def fuse(self, batch: Mapping[str, Any], cache: StepCache, image_index: Tensor, text_index: Tensor,
+             masked: bool = True) -> Tensor:
+        """Multimodal hidden ``[K,1+Ni+L,D]`` of (image row i, text row j) pairings of this batch, e.g. ITM negatives.
+
+        The tower passes of the step are reused: only the fusion encoder runs on the new pairings.
+        """
+        image_state, text_state = self._fusion_inputs(batch, cache, masked)
+        mask = batch.get("attention_mask")
+        return self._fuse(image_state[image_index], text_state[text_index],
+                          None if mask is None else mask.to(text_state.device)[text_index])
 
     def multimodal_hidden(self, batch: Mapping[str, Any], cache: StepCache, masked: bool = True) -> Tensor:
         """Fused output ``[B,1+Ni+L,D]`` of the batch's pairs (multimodal CLS, image tokens, text tokens)."""
         def compute():
-            image_out, image_pre = self._image_pass(batch, cache, masked)
-            text_out, text_pre = self._text_pass(batch, cache, masked)
-            last = self.fusion_input == "last_layer"
-            return self._fuse(image_pre if last else image_out, text_pre if last else text_out,
-                              batch.get("attention_mask"))
+            return self._fuse(*self._fusion_inputs(batch, cache, masked), batch.get("attention_mask"))
 
         return cache.get_or(("multimodal_hidden", bool(masked)), compute)
 

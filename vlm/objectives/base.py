@@ -31,7 +31,9 @@ CAPABILITIES: dict[str, str] = {
     # --- multimodal fusion
     "multimodal_hidden": "(batch, cache, masked: bool) -> FloatTensor[B,1+Ni+Lt,D] fused output, multimodal CLS first",
     "split_multimodal": "(hidden) -> (image part FloatTensor[B,Ni,D], text part FloatTensor[B,Lt,D])",
-    "fuse": "(image_hidden, text_hidden, text_attention_mask) -> multimodal hidden, for arbitrary pairings (ITM negatives)",
+    "fuse": "(batch, cache, image_index LongTensor[K], text_index LongTensor[K], masked: bool) -> multimodal hidden "
+            "[K,1+Ni+Lt,D] of image row i paired with text row j of this batch (ITM negatives); the model picks "
+            "its own fusion inputs and reuses the step's tower passes",
     "positive_rows": "(batch, cache) -> BoolTensor[B]: rows whose image and text match (GC/MMM train on these only)",
     # --- contrastive alignment
     "contrastive_embeddings": "(batch, cache) -> (image_emb FloatTensor[B,E], text_emb FloatTensor[B,E]), L2-normalised",

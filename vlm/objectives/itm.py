@@ -97,7 +97,7 @@ class ImageTextMatching(Objective):
         if negatives == "batch":
             self.requires_fields = type(self).requires_fields + ("itm_labels",)
         else:
-            caps = caps + ("image_hidden", "text_hidden", "fuse")
+            caps = caps + ("fuse",)
             if negatives == "hard":
                 caps = caps + ("contrastive_embeddings",)
         self.requires_capabilities = caps
@@ -178,12 +178,7 @@ class ImageTextMatching(Objective):
         cls = fused[:, :1]
         if image_idx.numel():
             image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-            image_h = model.image_hidden(batch, cache, masked=self.use_masked)
-            text_h = model.text_hidden(batch, cache, masked=self.use_masked)
-            attention = batch.get("attention_mask")
-            if attention is None:
-                attention = torch.ones(text_h.shape[:2], dtype=torch.long, device=device)
-            negative = model.fuse(image_h[image_idx], text_h[text_idx], attention.to(device)[text_idx])
+            negative = model.fuse(batch, cache, image_idx, text_idx, masked=self.use_masked)
             cls = torch.cat([cls, negative[:, :1].to(cls.dtype)])
             labels = torch.cat([labels, labels.new_zeros(image_idx.numel())])
         logits = self.head(cls).float()
