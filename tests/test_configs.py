@@ -53,3 +53,13 @@ def test_unknown_config_key_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "conf/flava/tiny.yaml"), "--model.init_args.no_such_key=1"])
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_vlm_data_synth_writes_shards_the_reader_reads_back(tmp_path):
+    from vlm.data.readers import WebDatasetSource
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--num", "12", "--samples-per-shard", "5"]) == 0
+    shards = sorted(tmp_path.glob("*.tar"))
+    assert len(shards) == 3  # ceil(12 / 5)
+    samples = list(WebDatasetSource([str(s) for s in shards], shuffle_shards=False))
+    assert len(samples) == 12 and all(s["image"].size == (64, 64) and s["caption"] for s in samples)
