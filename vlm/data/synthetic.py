@@ -410,6 +410,15 @@ def class_prompts(lang: str = "en") -> list[str]:
     return [prefix.format(_SHAPE_WORDS[lang][s][0]) for s in CLASS_NAMES]
 
 
+def zero_shot_templates() -> list[str]:
+    """Caption-shaped English prompt templates ("a red {} at the top left", ...) for zero-shot shape classification.
+
+    A model trained on this world's captions has only seen shapes with a colour and a position, so the class
+    embedding is the mean over every colour and position (CLIP-style prompt ensembling).
+    """
+    return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {{}} {p}" for c in COLOUR_NAMES for p in _POSITION_PHRASES["en"]]
+
+
 def _sample_key(seed: int, split: str, kind: str, index: int) -> str:
     return f"{split}-{kind}-s{seed}-{index:08d}"
 
