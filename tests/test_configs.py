@@ -63,3 +63,29 @@ def test_vlm_data_synth_writes_shards_the_reader_reads_back(tmp_path):
     assert len(shards) == 3  # ceil(12 / 5)
     samples = list(WebDatasetSource([str(s) for s in shards], shuffle_shards=False))
     assert len(samples) == 12 and all(s["image"].size == (64, 64) and s["caption"] for s in samples)
+
+
+def test_staged_overlay_runs_unimodal_first_then_joint(tmp_path, monkeypatch):
+    """conf/flava/staged.yaml: pairs skipped and fusion frozen before the switch step, everything on after it."""
+    from vlm.callbacks import FreezeSchedule, ObjectiveWeightSchedule
+    from vlm.cli import VLMCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
+    cli = VLMCLI(args=["--config", str(ROOT / "conf/flava/tiny.yaml"), "--config", str(ROOT / "conf/flava/staged.yaml"),
+                       "--trainer.logger=false", *SMALL_SYNTHETIC],
+                 run=False)
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {ObjectiveWeightSchedule, FreezeSchedule} <= kinds
+    weights = next(c for c in cli.trainer.callbacks if isinstance(c, ObjectiveWeightSchedule))
+    freeze = next(c for c in cli.trainer.callbacks if isinstance(c, FreezeSchedule))
+    # drive the two stages directly: before step 300 the pairs stream is off and fusion frozen, then both on
+    model = cli.model
+    weights._apply_upto(model, weights._index(0))
+    freeze.apply(cli.trainer, model, freeze._stage_index(0))
+    assert model.active_objectives("pairs") == [] and model.active_objectives("text")
+    assert not any(p.requires_grad for p in model.multimodal_encoder.parameters())
+    weights._apply_upto(model, weights._index(300))
+    freeze.apply(cli.trainer, model, freeze._stage_index(300))
+    assert [k for k, _, _ in model.active_objectives("pairs")] == ["gc", "itm", "mmm"]
+    assert all(p.requires_grad for p in model.multimodal_encoder.parameters())
