@@ -112,3 +112,36 @@ def test_cache_memoises():
     assert cache.get_or("k", lambda: calls.append(1) or 5) == 5
     assert cache.get_or("k", lambda: calls.append(1) or 6) == 5
     assert calls == [1]
+
+
+def test_data_checked_before_the_first_step():
+    """A stream without objectives, or lacking a field an objective needs, fails at fit start (not at its first batch)."""
+    import lightning as L
+
+    from vlm.data.module import MultiStreamDataModule
+    from vlm.data.stream import Stream
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, fields):
+            self.fields = fields
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {k: torch.ones(4) if k == "x" else torch.tensor(1.0) for k in self.fields}
+
+    def fit(model, streams):
+        data = MultiStreamDataModule({k: Stream(Rows(v)) for k, v in streams.items()}, batch_size=2)
+        L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+
+    model = make()
+    with pytest.raises(MissingBatchField, match=r"'se'.*stream 'b'.*\['y'\]"):
+        fit(model, {"a": ["x", "y"], "b": ["x"]})
+    assert model.objectives["se"].calls == 0  # failed before any step, stream 'a' included
+    with pytest.raises(VLMConfigError, match=r"Data stream 'c' has no objectives"):
+        fit(make(), {"a": ["x", "y"], "c": ["x", "y"]})
+    model = make()
+    fit(model, {"a": ["x", "y"], "b": ["x", "y"]})  # the right fields: trains
+    assert model.objectives["se"].calls == 2

@@ -33,6 +33,7 @@ Which objectives train on each stream is declared in the model's ``streams:``, n
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -345,6 +346,25 @@ class MultiStreamDataModule(L.LightningDataModule):
         return bs, nw
 
     # ------------------------------------------------------------------ loaders
+    def stream_fields(self, max_tries: int = 8) -> dict[str, set[str]]:
+        """Batch fields each training stream yields, from one transformed and collated sample (checks at set-up).
+
+        A stream whose first ``max_tries`` samples are all corrupt is left out (it is checked at its first batch).
+        """
+        out: dict[str, set[str]] = {}
+        for name, stream in self.streams.items():
+            fn = StreamCollate(name, stream.transform, stream.collate)
+            if stream.is_iterable:
+                samples = itertools.islice(iter(stream.dataset), max_tries)
+            else:
+                samples = (stream.dataset[i] for i in range(min(max_tries, stream.size() or 0)))
+            for sample in samples:
+                batch = fn([sample])
+                if len(batch) > 1:  # more than num_skipped: a sample survived
+                    out[name] = set(batch) | {"stream", "batch_index", "num_skipped"}
+                    break
+        return out
+
     def train_dataloader(self) -> MultiStreamLoader:
         """The training iterable (a fresh start, or the restored checkpoint position)."""
         rank, world = self._rank_world()

@@ -94,6 +94,23 @@ class VLMModule(L.LightningModule):
             raise VLMConfigError(f"Unknown objective '{objective}'; known: {sorted(self.objectives)}.")
         self.stream_weights.setdefault(stream, {})[objective] = float(weight)
 
+    def check_data(self, stream_fields: Mapping[str, set[str]]) -> None:
+        """Before training: every data stream has objectives here, and yields the fields they need."""
+        for stream, fields in stream_fields.items():
+            if stream not in self.stream_weights:
+                raise VLMConfigError(
+                    f"Data stream '{stream}' has no objectives in the model (model streams: "
+                    f"{sorted(self.stream_weights)}). Add '{stream}: {{objective: weight}}' under the model's "
+                    "`streams:`, or remove the stream from the data config."
+                )
+            for key in self.stream_weights[stream]:
+                self.objectives[key].check_batch(fields, stream, key)
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "stream_fields", None)):
+            self.check_data(datamodule.stream_fields())
+
     def step_generator(self, batch: Mapping[str, Any]) -> torch.Generator:
         """CPU generator seeded by (seed, position of the batch in the schedule, rank): resumable and rank-distinct."""
         position = batch.get("batch_index", self.global_step if self._trainer is not None else 0)
