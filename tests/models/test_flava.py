@@ -244,3 +244,14 @@ def test_validation_logs_zero_shot_retrieval_and_classification():
         assert metrics[f"val/retrieval/{k}"] == pytest.approx(float(v))
     assert 0.0 <= metrics["val/zeroshot/top1"] <= 1.0
     assert any(k.startswith("val/pairs/") for k in metrics)
+
+
+def test_tokenizer_that_does_not_match_the_text_tower_fails_at_construction(tmp_path, monkeypatch):
+    """The synthetic BPE vocabulary is much smaller than BERT's 30522 rows: one error naming text.vocab_size."""
+    from vlm.data.tokenizers import load_tokenizer
+
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    size = len(load_tokenizer("synthetic"))
+    with pytest.raises(VLMConfigError, match=f"text.vocab_size: {size}"):
+        FLAVA(**tiny_kwargs(tokenizer="synthetic"))
+    FLAVA(**tiny_kwargs(tokenizer="minilm"))  # the matching vocabulary builds

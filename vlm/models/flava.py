@@ -208,6 +208,8 @@ class FLAVA(VLMModule):
         self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
         self.tokenizer_source = tokenizer
         self._tokenizer = None
+        if tokenizer is not None:  # a vocabulary that doesn't match the text tower fails here, not mid-run
+            check_vocab(self.text_encoder, self._get_tokenizer())
         self._val_retrieval: dict[str, Any] = {}
         self._val_zeroshot: dict[str, list[Tensor]] = {}
 
