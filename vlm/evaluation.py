@@ -63,11 +63,13 @@ def retrieval(emb: PairEmbeddings, ks: Sequence[int] = (1, 5, 10)) -> dict[str, 
 
 def zero_shot(model, emb: PairEmbeddings, class_names: Sequence[str], templates: Sequence[str],
               encode_prompts: Callable[[list[str]], Tensor], rows: Tensor | None = None) -> float:
-    """Top-1 zero-shot classification accuracy of the held-out images (or the ``rows`` subset) against prompts."""
+    """Top-1 zero-shot classification accuracy of the held-out images that have a class (or of ``rows``)."""
     if emb.class_index is None:
         raise VLMConfigError("zero-shot accuracy needs samples with class_index.")
     weights = zero_shot_classifier(encode_prompts, list(class_names), list(templates))
-    image, targets = (emb.image, emb.class_index) if rows is None else (emb.image[rows], emb.class_index[rows])
+    if rows is None:
+        rows = (emb.class_index >= 0).nonzero().squeeze(1)  # -1: no class
+    image, targets = emb.image[rows], emb.class_index[rows]
     return float(zero_shot_accuracy(image, weights, targets)["top1"])
 
 

@@ -119,7 +119,10 @@ def test_detection_ocr_and_class():
             bins = [min(1023, int(v * 1024)) for v in (y0, x0, y1, x1)]  # PaLI order: y before x
             assert part == "".join(f"<loc{b:04d}>" for b in bins) + f" {o['colour']} {o['shape']}"
         assert s["ocr_text"].split() == [o["text"] for o in s["objects"] if o["text"]]
-        assert CLASS_NAMES[s["class_index"]] == s["class_name"] in {o["shape"] for o in s["objects"]}
+        if len(s["objects"]) == 1:
+            assert CLASS_NAMES[s["class_index"]] == s["class_name"] == s["objects"][0]["shape"]
+        else:
+            assert s["class_index"] == -1 and s["class_name"] is None
 
 
 def test_dataset_kinds():

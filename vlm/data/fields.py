@@ -27,7 +27,7 @@ FIELDS: dict[str, str] = {
     "itm_labels": "long[B] 1 = image and text match, 0 = mismatched pair placed in the batch by the data",
     # evaluation
     "pair_id": "long[B] id of the underlying image: texts and images with equal pair_id match (retrieval)",
-    "class_index": "long[B] class of the image (zero-shot classification)",
+    "class_index": "long[B] class of the image (zero-shot classification); -1 = no class, left out of accuracy",
     "text": "list[str] the raw text (for logging predictions)",
     "target_text": "list[str] reference answers/captions (for generation metrics)",
 }

@@ -33,7 +33,7 @@ from vlm.data.tokenizers import box_to_loc_string
 from vlm.errors import VLMConfigError
 
 #: bump when the generator's output changes, so cached shards and tokenizers are rebuilt
-VERSION = 1
+VERSION = 2
 
 LANGS: tuple[str, ...] = ("en", "fr", "de", "es")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -52,7 +52,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
-#: zero-shot classes: the shape of the largest object
+#: zero-shot classes: the shape of a single-object image (multi-object images have no class)
 CLASS_NAMES: tuple[str, ...] = SHAPES
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
@@ -373,8 +373,6 @@ def annotate(objects, boxes: list[list[float]], rng: random.Random) -> dict[str,
     """Every text annotation of a scene (JSON-serialisable)."""
     caps = {lang: captions(objects, lang) for lang in LANGS}
     vqa = _vqa(objects, rng)
-    # the largest object (by drawn radius) names the zero-shot class
-    largest = max(range(len(objects)), key=lambda i: objects[i].scale)
     labels = [f"{o.colour} {o.shape}" for o in objects]
     return {
         "caption": caps["en"],
@@ -398,8 +396,9 @@ def annotate(objects, boxes: list[list[float]], rng: random.Random) -> dict[str,
         "boxes": boxes,
         "box_labels": labels,
         "detection_target": " ; ".join(f"{box_to_loc_string(b)} {lab}" for b, lab in zip(boxes, labels)),
-        "class_index": CLASS_NAMES.index(objects[largest].shape),
-        "class_name": objects[largest].shape,
+        # a class only where it is unambiguous: the shape of a single-object image; -1 = no class
+        "class_index": CLASS_NAMES.index(objects[0].shape) if len(objects) == 1 else -1,
+        "class_name": objects[0].shape if len(objects) == 1 else None,
     }
 
 

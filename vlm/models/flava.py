@@ -453,7 +453,8 @@ class FLAVA(VLMModule):
                 self._zeroshot_weights = zero_shot_classifier(
                     self._encode_prompts, self.zeroshot_class_names, self.zeroshot_templates)
             logits = self.encode_image(batch["pixel_values"]) @ self._zeroshot_weights.to(self.device).T
-            hits = (logits.argmax(-1) == batch["class_index"].reshape(-1)).float()
+            target = batch["class_index"].reshape(-1)
+            hits = (logits.argmax(-1) == target).float()[target >= 0]  # -1: the image has no class
             self._val_zeroshot.setdefault(stream, []).append(hits)
         return loss
 
