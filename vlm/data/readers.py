@@ -236,6 +236,10 @@ class WebDatasetSource(IterableDataset):
                 sample[SKIPPED_KEY] = pending
                 pending = 0
             yield sample
+        # skips after the last good sample have no sample to ride on: hand them over as None entries, which
+        # collate drops and counts, so a worker's trailing skips still reach num_skipped
+        for _ in range(pending):
+            yield None
 
 
 class SyntheticShards(WebDatasetSource):
