@@ -84,6 +84,13 @@ class _LearnableScale(Objective):
             self.logit_scale.clamp_(0.0, self.max_logit_scale)
         return self.logit_scale.exp()
 
+    @staticmethod
+    def _empty_output(image: Tensor, text: Tensor, metrics: dict[str, Tensor], *params: Tensor) -> ObjectiveOutput:
+        """No row on any rank: a zero loss that still reaches every input, with zero accuracies."""
+        zero = image.new_zeros(())
+        return ObjectiveOutput(_disconnected_zero(image, text, *params),
+                               {"i2t_accuracy": zero, "t2i_accuracy": zero, **metrics})
+
     def _scale_metrics(self, scale: Tensor) -> dict[str, Tensor]:
         s = scale.detach()
         return {"temperature": 1.0 / s, "logit_scale": self.logit_scale.detach().clone()}
@@ -143,9 +150,7 @@ class GlobalContrastive(_LearnableScale):
         sizes = gather_sizes(image.shape[0], image.device)
         total = sum(sizes)
         if total == 0:
-            zero = image.new_zeros(())
-            return ObjectiveOutput(_disconnected_zero(image, text, scale),
-                                   {"i2t_accuracy": zero, "t2i_accuracy": zero, **self._scale_metrics(scale)})
+            return self._empty_output(image, text, self._scale_metrics(scale), scale)
         if world > 1 and not self.gather_with_grad:
             # Every rank computes the same full loss but only the owner keeps a row's gradient; scaling by
             # the world size makes DDP's average equal the global-batch gradient (open_clip leaves it 1/world).
@@ -266,9 +271,7 @@ class SigmoidContrastive(_LearnableScale):
         sizes = gather_sizes(image.shape[0], image.device)
         total = sum(sizes)
         if total == 0:
-            zero = image.new_zeros(())
-            return ObjectiveOutput(_disconnected_zero(image, text, scale, self.logit_bias),
-                                   {"i2t_accuracy": zero, "t2i_accuracy": zero, **self._metrics(scale)})
+            return self._empty_output(image, text, self._metrics(scale), scale, self.logit_bias)
         if world == 1:
             summed = self._block(image, text, scale, 0)
         elif self.dist_impl == "gather":
