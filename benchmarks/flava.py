@@ -7,6 +7,7 @@ FLOP count (``vlm.models.flava.flava_flops_per_sample``; the same count for both
 work: unmasked + masked image and text passes and one masked multimodal pass).
 
     python benchmarks/flava.py --device cuda --size base --batch 64 --steps 20 --compile --out results.json
+    python benchmarks/flava.py --device cuda --size base --batch 128 --compile step --compile-mode max-autotune-no-cudagraphs
     python benchmarks/flava.py --device cpu --size tiny        # < 1 minute, shows both numbers
 """
 
@@ -103,6 +104,21 @@ def timed_steps(step, args) -> dict[str, float]:
     return out
 
 
+def count_syncs(step) -> int:
+    """Device->host synchronisations in one step (CUDA's sync debug mode warns at each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def profile(step, args) -> None:
     """Print the kernels that take the GPU's time over two steps (where to look next)."""
     from torch.profiler import ProfilerActivity
@@ -129,7 +145,9 @@ def run_vlm(config, batch, args) -> dict:
     kwargs = flava_kwargs_from_hf_config(config)
     kwargs["objectives"] = {k: kwargs["objectives"][k] for k in ("gc", "itm", "mmm")}
     kwargs["streams"] = {"pairs": {"gc": 1.0, "itm": 1.0, "mmm": 1.0}}
-    model = FLAVA(**kwargs, compile=args.compile, contrastive_from_masked=args.contrastive_from_masked,
+    options = {"mode": args.compile_mode} if args.compile_mode else None
+    model = FLAVA(**kwargs, compile=args.compile, compile_options=options,
+                  contrastive_from_masked=args.contrastive_from_masked,
                   activation_checkpointing=args.activation_checkpointing).to(args.device)
     model.train()
     opt = model.configure_optimizers()["optimizer"]  # AdamW, fused on CUDA
@@ -144,6 +162,8 @@ def run_vlm(config, batch, args) -> dict:
         return loss.detach()
 
     out = timed_steps(step, args)
+    if args.device == "cuda":
+        out["host_syncs_per_step"] = count_syncs(step)
     if args.profile:
         profile(step, args)
     out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
@@ -181,7 +201,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-len", type=int, default=None, help="default: 64 (base) / 16 (tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on cuda, 5 on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on cuda, 2 on cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile vlm's towers")
+    parser.add_argument("--compile", nargs="?", const="towers", default="none", choices=["none", "towers", "step"],
+                        help="torch.compile vlm's towers (--compile / --compile towers) or its whole loss computation "
+                             "(--compile step)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (CUDA graphs)")
     parser.add_argument("--contrastive-from-masked", action="store_true",
                         help="vlm: GC from the masked passes (skips the unmasked tower passes; not HF's recipe)")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -255,7 +279,8 @@ def main(argv=None) -> dict:
 def print_report(r: dict) -> None:
     a = r["args"]
     print(f"FLAVA {a['size']} pairs step (GC+ITM+MMM) | {r['hardware']} | batch {a['batch']} text {a['text_len']} "
-          f"| {a['precision']} | compile={a['compile']} | torch {r['versions']['torch']}")
+          f"| {a['precision']} | compile={a['compile']}{'/' + a['compile_mode'] if a['compile_mode'] else ''} "
+          f"| torch {r['versions']['torch']}")
     print(f"analytic train FLOPs/sample: {r['train_flops_per_sample'] / 1e9:.2f} GFLOP")
     for name in ("vlm", "hf"):
         res = r.get(name)
@@ -267,7 +292,8 @@ def print_report(r: dict) -> None:
         mem = f"{res['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in res else "n/a (cpu)"
         mfu = f"{100 * res['mfu']:.1f}%" if "mfu" in res else "n/a"
         print(f"  {name:4s} {res['samples_per_s']:9.1f} samples/s  step {res['step_ms']:8.1f} ms  peak {mem}  "
-              f"MFU {mfu}  loss {res['final_loss']:.3f}  ({res['optimizer']})")
+              f"MFU {mfu}  loss {res['final_loss']:.3f}  ({res['optimizer']})"
+              + (f"  syncs/step {res['host_syncs_per_step']}" if "host_syncs_per_step" in res else ""))
     if "speedup" in r:
         extra = f", memory vlm/hf {r['memory_ratio']:.2f}" if "memory_ratio" in r else ""
         print(f"  speedup vlm/hf: {r['speedup']:.2f}x{extra}")

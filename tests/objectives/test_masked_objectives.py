@@ -63,6 +63,19 @@ def grads(module: torch.nn.Module) -> dict[str, bool]:
     return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in module.named_parameters()}
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def heads(request, monkeypatch):
+    """Both exact ways of running masked heads: on kept positions only (eager) and on every position with a
+    weighted loss (what ``torch.compile`` traces). Every reference test must hold for both."""
+    import vlm.objectives.mim as mim
+    import vlm.objectives.mlm as mlm
+
+    dense = request.param == "dense"
+    monkeypatch.setattr(mlm, "static_shapes", lambda flag: dense if flag is None else bool(flag))
+    monkeypatch.setattr(mim, "static_shapes", lambda flag: dense if flag is None else bool(flag))
+    return request.param
+
+
 TEXT_PARAMS = ("token_embed.weight", "text_mix.weight")
 IMAGE_PARAMS = ("patch_embed.weight", "image_mix.weight")
 MM_PARAMS = ("mm_mix.weight", "image_to_mm.weight", "text_to_mm.weight")
@@ -92,6 +105,7 @@ def test_prediction_head_matches_hf_flava_head():
 
 
 # ---------------------------------------------------------------- MLM
+@pytest.mark.usefixtures("heads")
 def test_mlm_loss_and_accuracy_match_float64_reference():
     model = FakeVLM()
     obj = built(MaskedLanguageModeling(), model)
@@ -118,6 +132,23 @@ def test_mlm_projects_vocab_only_at_masked_positions():
     assert seen == [torch.Size([int(batch["mlm_labels"].ne(-100).sum()), model.dims["text_hidden"]])]
 
 
+@pytest.mark.usefixtures("heads")
+def test_mlm_dense_heads_project_every_position():
+    from vlm.objectives.mlm import classify_masked
+
+    model = FakeVLM()
+    obj = built(MaskedLanguageModeling(), model)
+    batch, cache = make_batch(model=model), StepCache()
+    hidden = model.text_hidden(batch, cache, masked=True)
+    labels = batch["mlm_labels"]
+    seen = []
+    obj.head.decoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    dense = classify_masked(obj.head, hidden, labels, labels.ne(-100), dense=True)
+    sparse = classify_masked(obj.head, hidden, labels, labels.ne(-100), dense=False)
+    assert seen[0] == hidden.shape and seen[1][0] == int(labels.ne(-100).sum())
+    torch.testing.assert_close(dense, sparse)
+
+
 def test_mlm_gradients_reach_text_side_only():
     model = FakeVLM()
     obj = built(MaskedLanguageModeling(), model)
@@ -140,6 +171,7 @@ def test_mlm_random_masking_uses_cache_generator():
     assert runs[0] == runs[1] != runs[2]
 
 
+@pytest.mark.usefixtures("heads")
 def test_mlm_without_masked_tokens_is_finite_zero_with_graph():
     model = FakeVLM()
     obj = built(MaskedLanguageModeling(), model)
@@ -152,6 +184,7 @@ def test_mlm_without_masked_tokens_is_finite_zero_with_graph():
 
 
 # ---------------------------------------------------------------- MIM
+@pytest.mark.usefixtures("heads")
 def test_mim_codebook_matches_reference_and_follows_hf_label_rules():
     model = FakeVLM(codebook_size=7)
     obj = built(MaskedImageModeling(), model)
@@ -178,6 +211,7 @@ def test_mim_codebook_matches_reference_and_follows_hf_label_rules():
     assert out.loss.item() == pytest.approx(loss, rel=1e-5)
 
 
+@pytest.mark.usefixtures("heads")
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mim_pixels_matches_reference(norm_pix):
     model = FakeVLM(codebook_size=None)
@@ -211,6 +245,7 @@ def test_mim_explicit_pixels_on_codebook_model_and_bad_targets():
         MaskedImageModeling(target="tokens")
 
 
+@pytest.mark.usefixtures("heads")
 def test_mim_gradients_reach_image_side_only():
     model = FakeVLM()
     obj = built(MaskedImageModeling(), model)
@@ -220,6 +255,7 @@ def test_mim_gradients_reach_image_side_only():
     assert not any(g[n] for n in TEXT_PARAMS + MM_PARAMS)
 
 
+@pytest.mark.usefixtures("heads")
 @pytest.mark.parametrize("codebook", [7, None])
 def test_mim_without_masked_patches_is_finite(codebook):
     model = FakeVLM(codebook_size=codebook)
@@ -246,6 +282,7 @@ def mmm_reference(obj, model, batch, cache, rows):
     return text_loss, text_acc, image_loss, image_acc
 
 
+@pytest.mark.usefixtures("heads")
 def test_mmm_matches_reference_on_positive_rows_only():
     model = FakeVLM()
     obj = built(MaskedMultimodalModeling(text_weight=0.7, image_weight=1.3), model)
@@ -262,6 +299,7 @@ def test_mmm_matches_reference_on_positive_rows_only():
     assert out.loss.item() == pytest.approx(0.7 * tl + 1.3 * il, rel=1e-5)
 
 
+@pytest.mark.usefixtures("heads")
 def test_mmm_negative_rows_get_no_gradient():
     model = FakeVLM()
     obj = built(MaskedMultimodalModeling(), model)
@@ -274,6 +312,7 @@ def test_mmm_negative_rows_get_no_gradient():
     assert all(g[n] for n in TEXT_PARAMS + IMAGE_PARAMS + MM_PARAMS)
 
 
+@pytest.mark.usefixtures("heads")
 def test_mmm_all_negative_batch_uses_every_row_like_hf():
     model = FakeVLM()
     obj = built(MaskedMultimodalModeling(), model)
@@ -294,6 +333,7 @@ def test_mmm_without_positive_rows_capability_falls_back_to_itm_labels():
     assert obj(model, batch, cache).loss.item() == pytest.approx(tl + il, rel=1e-5)
 
 
+@pytest.mark.usefixtures("heads")
 def test_mmm_pixel_targets_and_empty_masks():
     model = FakeVLM(codebook_size=None)
     obj = built(MaskedMultimodalModeling(), model)

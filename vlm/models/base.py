@@ -19,6 +19,28 @@ from torch import Tensor, nn
 from vlm.errors import VLMConfigError
 from vlm.objectives.base import Objective, StepCache
 
+#: what ``compile`` may name: nothing, each encoder tower (the model's choice of modules), or the whole loss
+#: computation of a training step (forward of every objective; AOTAutograd compiles its backward too).
+COMPILE_SCOPES = ("none", "towers", "step")
+#: ``torch.compile`` keyword arguments accepted under ``compile_options``.
+COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options")
+#: compile modes that replay CUDA graphs (outputs are overwritten by the next replay).
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_scope(value: Any) -> str:
+    """``False``/None -> "none", ``True`` -> "towers", or one of ``COMPILE_SCOPES`` as given."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "towers"
+    if isinstance(value, str) and value in COMPILE_SCOPES:
+        return value
+    raise VLMConfigError(
+        f"compile={value!r}: use false, true or 'towers' (torch.compile each encoder), or 'step' (compile the "
+        "whole loss computation of a training step: one graph when every objective is sync-free)."
+    )
+
 
 class VLMModule(L.LightningModule):
     """Base LightningModule: objectives per stream, optimizer and schedule, logging.
@@ -33,6 +55,12 @@ class VLMModule(L.LightningModule):
         lr_schedule: ``cosine`` (to ``min_lr_ratio * lr`` at ``trainer.max_steps``), ``linear`` or ``constant``.
         min_lr_ratio: final learning rate as a fraction of ``lr`` for the cosine/linear schedules.
         seed: seed of the per-step random generator used by masking and negative sampling.
+        compile: ``false``; ``true``/``"towers"``: ``torch.compile`` the model's encoders (models that have them);
+            ``"step"``: compile the loss computation of training steps as a whole (objectives' heads and
+            losses included; masks and negatives are drawn eagerly first by ``Objective.prepare``). The
+            compiled step sees the batch's tensors and its ``stream``; validation runs eagerly.
+        compile_options: ``torch.compile`` arguments (``mode``, ``fullgraph``, ``dynamic``, ``backend``,
+            ``options``), e.g. ``{mode: reduce-overhead}`` for CUDA graphs.
     """
 
     def __init__(
@@ -46,6 +74,8 @@ class VLMModule(L.LightningModule):
         lr_schedule: str = "cosine",
         min_lr_ratio: float = 0.0,
         seed: int = 0,
+        compile: bool | str = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.objectives = nn.ModuleDict(dict(objectives or {}))
@@ -57,6 +87,13 @@ class VLMModule(L.LightningModule):
         if lr_schedule not in ("cosine", "linear", "constant"):
             raise VLMConfigError(f"lr_schedule={lr_schedule!r}: use one of 'cosine', 'linear', 'constant'.")
         self.seed = seed
+        self.compile_scope = compile_scope(compile)
+        self.compile_options = dict(compile_options or {})
+        unknown = sorted(set(self.compile_options) - set(COMPILE_OPTIONS))
+        if unknown:
+            raise VLMConfigError(f"Unknown compile_options {unknown}; torch.compile takes {list(COMPILE_OPTIONS)}.")
+        self._compiled_step = None
+        self.step_rng: torch.Generator | None = None
         self.skipped_samples: dict[str, int] = {}
         for stream, ws in self.stream_weights.items():
             for key in ws:
@@ -123,15 +160,36 @@ class VLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def compute_losses(self, batch: Mapping[str, Any], cache: StepCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of the stream's objectives and a flat dict of everything worth logging."""
+        """Weighted sum of the stream's objectives and a flat dict of everything worth logging.
+
+        Two phases: ``prepare_step`` (eager, host-side: checks, masks, negatives, all memoised in ``cache``),
+        then ``weighted_losses`` — compiled as one function when ``compile="step"`` and training.
+        """
         stream = batch.get("stream")
         cache = cache if cache is not None else StepCache()
         if getattr(cache, "generator", None) is None:
             cache.generator = self.step_generator(batch)
+        active = self.active_objectives(stream)
+        for key, obj, _ in active:
+            obj.check_batch(batch, stream, key)
+        self.prepare_step(batch, cache, active)
+        if self.compile_scope == "step" and self.training and torch.is_grad_enabled():
+            return self._compiled_losses(batch, cache)
+        return self.weighted_losses(batch, cache)
+
+    def prepare_step(self, batch: Mapping[str, Any], cache: StepCache,
+                     active: list[tuple[str, Objective, float]]) -> None:
+        """Eager part of a step: every active objective's ``prepare`` (masks, negatives) fills ``cache``."""
+        self.step_rng = cache.generator  # for the rare eager-only draw inside a compiled step (hard ITM negatives)
+        for _, obj, _ in active:
+            obj.prepare(self, batch, cache)
+
+    def weighted_losses(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objectives' forward passes and their weighted sum (pure tensor work once prepared)."""
+        stream = batch.get("stream")
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
         for key, obj, weight in self.active_objectives(stream):
-            obj.check_batch(batch, stream, key)
             out = obj(self, batch, cache)
             logs[f"{stream}/{key}/loss"] = out.loss.detach()
             for m, v in out.metrics.items():
@@ -141,6 +199,33 @@ class VLMModule(L.LightningModule):
             total = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logs[f"{stream}/loss"] = total.detach()
         return total, logs
+
+    def _prepared_losses(self, batch: Mapping[str, Any], prepared: Mapping[Any, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        # A cache local to the compiled function: what objectives memoise stays inside the graph (only the
+        # loss and the logs leave it), and no generator object reaches the tracer.
+        return self.weighted_losses(batch, StepCache(prepared))
+
+    def _compiled_losses(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._compiled_step is None:
+            opts = self.compile_options
+            self.__dict__["_compiled_step"] = torch.compile(
+                self._prepared_losses, **{k: v for k, v in opts.items() if k in COMPILE_OPTIONS})
+        cudagraphs = self.compile_options.get("mode") in CUDAGRAPH_MODES or bool(
+            (self.compile_options.get("options") or {}).get("triton.cudagraphs"))
+        # Only tensors (and the stream name) go in: a changing int or string would recompile every step.
+        tensors: dict[str, Any] = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+        tensors["stream"] = batch.get("stream")
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        total, logs = self._compiled_step(tensors, dict(cache))
+        if cudagraphs:  # logged values must outlive the next replay
+            logs = {k: v.clone() for k, v in logs.items()}
+        return total, logs
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_compiled_step"], state["step_rng"] = None, None  # rebuilt on first use
+        return state
 
     @staticmethod
     def batch_size_of(batch: Mapping[str, Any]) -> int:

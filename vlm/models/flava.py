@@ -21,7 +21,7 @@ from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_te
 from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, patchify
 from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
-from vlm.objectives.base import Objective, StepCache
+from vlm.objectives.base import Objective, StepCache, generator_of
 
 #: FLAVA's default streams and objectives: pairs train GC + ITM + MMM, images MIM, text MLM.
 DEFAULT_STREAMS: dict[str, dict[str, float]] = {
@@ -100,7 +100,10 @@ class FLAVA(VLMModule):
             passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
         tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
         activation_checkpointing: recompute tower blocks in backward (memory for compute).
-        compile: ``torch.compile`` the three towers.
+        compile: ``true``/``"towers"``: ``torch.compile`` the three towers; ``"step"``: compile the whole loss
+            computation of a training step (towers, fusion, heads, losses: one graph for GC, ITM with
+            in-batch or shuffled negatives, MMM, MIM and MLM; see ``VLMModule``).
+        compile_options: ``torch.compile`` arguments for either scope, e.g. ``{mode: max-autotune-no-cudagraphs}``.
         zeroshot_class_names: class names for zero-shot classification in validation.
         zeroshot_templates: prompt templates with ``{}`` for the class name.
         tokenizer: hub name or local dir of the tokenizer used to encode zero-shot prompts.
@@ -128,7 +131,8 @@ class FLAVA(VLMModule):
         contrastive_from_masked: bool = False,
         tokenizer_vocab_size: int | None = None,
         activation_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_options: dict | None = None,
         zeroshot_class_names: Sequence[str] | None = None,
         zeroshot_templates: Sequence[str] | None = None,
         tokenizer: str | None = None,
@@ -144,7 +148,7 @@ class FLAVA(VLMModule):
             objectives=default_objectives() if objectives is None else objectives,
             streams=DEFAULT_STREAMS if streams is None else streams,
             lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio, seed=seed,
+            min_lr_ratio=min_lr_ratio, seed=seed, compile=compile, compile_options=compile_options,
         )
         if fusion_input not in FUSION_INPUTS:
             raise VLMConfigError(f"fusion_input={fusion_input!r}: use one of {FUSION_INPUTS}.")
@@ -216,9 +220,9 @@ class FLAVA(VLMModule):
         if activation_checkpointing:
             for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
                 tower.set_grad_checkpointing(True)
-        if compile:
+        if self.compile_scope == "towers":
             for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
-                tower.compile()  # in place: parameter names (and checkpoints) stay unchanged
+                tower.compile(**self.compile_options)  # in place: parameter names (and checkpoints) stay unchanged
         self.attach_objectives()
 
     # ============================================================== helpers
@@ -240,6 +244,12 @@ class FLAVA(VLMModule):
         if top >= self.text_encoder.vocab_size:
             check_vocab(self.text_encoder, top + 1)
 
+    def prepare_step(self, batch: Mapping[str, Any], cache: StepCache, active) -> None:
+        """Eager part of a step: the one-time vocabulary check, then the objectives' masks and negatives."""
+        if isinstance(batch.get("input_ids"), Tensor):
+            self._check_vocab_once(batch["input_ids"])
+        super().prepare_step(batch, cache, active)
+
     # ============================================================== masking
     def text_masking(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
         """(input_ids_masked, mlm_labels): the batch's own if given, else BERT masking seeded by the step."""
@@ -256,7 +266,7 @@ class FLAVA(VLMModule):
             masked, labels = mask_tokens(
                 ids, mask_token_id=self.mask_token_id, vocab_size=self.text_encoder.vocab_size,
                 special_ids=self.special_token_ids, prob=self.text_mask_prob,
-                attention_mask=batch.get("attention_mask"), generator=getattr(cache, "generator", None),
+                attention_mask=batch.get("attention_mask"), generator=generator_of(self, cache),
             )
             return masked.to(ids.device), labels.to(ids.device)
 
@@ -275,7 +285,7 @@ class FLAVA(VLMModule):
             mask = block_mask(
                 pixels.shape[0], grid, ratio=self.image_mask_ratio,
                 min_patches=min(self.image_mask_min_patches, max(1, grid[0] * grid[1] // 4)),
-                generator=getattr(cache, "generator", None),
+                generator=generator_of(self, cache),
             )
             return mask.to(pixels.device)
 

@@ -81,14 +81,14 @@ def mask_tokens(
         selected = (token_u < prob) & eligible
 
     # At least one target per row that has something to mask: a random eligible token (and its word).
+    # (Computed for every row and applied where needed: no data-dependent branch, no device sync.)
     needs = eligible.any(1) & ~selected.any(1)
-    if bool(needs.any()):
-        chosen = torch.where(eligible, u_fallback, -1.0).argmax(1, keepdim=True)
-        extra = torch.zeros_like(selected).scatter_(1, chosen, True)
-        if word_starts is not None:
-            chosen_word = word_idx.gather(1, chosen)
-            extra |= (word_idx == chosen_word) & (chosen_word >= 0) & eligible
-        selected |= extra & needs[:, None]
+    chosen = torch.where(eligible, u_fallback, -1.0).argmax(1, keepdim=True)
+    extra = torch.zeros_like(selected).scatter_(1, chosen, True)
+    if word_starts is not None:
+        chosen_word = word_idx.gather(1, chosen)
+        extra |= (word_idx == chosen_word) & (chosen_word >= 0) & eligible
+    selected |= extra & needs[:, None]
 
     to_mask = selected & (u_action < mask_ratio)
     to_random = selected & (u_action >= mask_ratio) & (u_action < mask_ratio + random_ratio)

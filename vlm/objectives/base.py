@@ -72,6 +72,11 @@ class Objective(nn.Module):
     def build(self, model: nn.Module) -> None:
         """Create heads sized from the model (``model.dims`` etc.). Called once by the model's constructor."""
 
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Host-side work of the step, run before ``forward``: draw masks and negatives (CPU generators, NumPy)
+        through the model's memoised capabilities so that ``forward`` is pure tensor work, which
+        ``torch.compile`` can take whole. Default: nothing."""
+
     def forward(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> ObjectiveOutput:
         raise NotImplementedError
 
@@ -104,12 +109,17 @@ class Objective(nn.Module):
             )
 
 
+def generator_of(model: nn.Module, cache: StepCache) -> torch.Generator | None:
+    """The step's random generator: the cache's, else the model's ``step_rng`` (a compiled step's cache has none)."""
+    gen = getattr(cache, "generator", None)
+    return gen if gen is not None else getattr(model, "step_rng", None)
+
+
 def masked_accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Accuracy of argmax(logits) over positions whose label is not ``ignore_index``; 0 if none."""
     keep = labels != ignore_index
-    if not bool(keep.any()):
-        return logits.new_zeros(())
-    return (logits.argmax(-1)[keep] == labels[keep]).float().mean()
+    hits = (logits.argmax(-1) == labels) & keep
+    return hits.sum() / keep.sum().clamp(min=1)
 
 
 def zero_loss(reference: Tensor | nn.Module) -> Tensor:

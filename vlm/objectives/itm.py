@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vlm.errors import VLMConfigError
-from vlm.objectives.base import Objective, ObjectiveOutput, StepCache
+from vlm.objectives.base import Objective, ObjectiveOutput, StepCache, generator_of
 from vlm.objectives.heads import ITMHead
 from vlm.objectives.mlm import model_dims
 
@@ -113,10 +113,11 @@ class ImageTextMatching(Objective):
         """How many negatives ``shuffle``/``hard`` build for a batch of ``batch_size`` rows."""
         return int(round(self.negative_ratio * batch_size)) if batch_size > 1 else 0
 
+    @torch.compiler.disable  # host-side sampling (CPU generator): eager even inside a compiled step
     def negative_pairs(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
         """``(image_index[K], text_index[K])`` of the mismatched pairs built in-batch (CPU tensors)."""
         batch_size = int(batch["input_ids"].shape[0])
-        generator = getattr(cache, "generator", None)
+        generator = generator_of(model, cache)
         count = self.num_negatives(batch_size)
         empty = torch.zeros(0, dtype=torch.long)
         if count == 0 or self.negatives == "batch":
@@ -160,12 +161,31 @@ class ImageTextMatching(Objective):
         text_idx = torch.cat([texts[ok_i], by_text[ok_t]])
         return image_idx, text_idx
 
+    def _negatives(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
+        def compute():
+            device = batch["input_ids"].device
+            if self.negatives == "batch":  # the data placed them: nothing to draw (and nothing for a tracer to skip)
+                empty = torch.zeros(0, dtype=torch.long, device=device)
+                return empty, empty
+            image_idx, text_idx = self.negative_pairs(model, batch, cache)
+            return image_idx.to(device, non_blocking=True), text_idx.to(device, non_blocking=True)
+
+        return cache.get_or(("itm_negatives", self.negatives, self.negative_ratio), compute)
+
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Draw the in-batch (``shuffle``) negatives before the (possibly compiled) loss computation.
+
+        ``hard`` negatives need this step's embeddings, so they are drawn in ``forward``.
+        """
+        if self.negatives == "shuffle":
+            self._negatives(model, batch, cache)
+
     # ------------------------------------------------------------------ loss
     def forward(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> ObjectiveOutput:
         """Mean cross-entropy of match (1) / mismatch (0); metrics: accuracy, per-class accuracy, rates."""
         if self.head is None:
             raise VLMConfigError(f"Objective '{self.name}' was not built: call build(model) first.")
-        image_idx, text_idx = self.negative_pairs(model, batch, cache)
+        image_idx, text_idx = self._negatives(model, batch, cache)
         fused = model.multimodal_hidden(batch, cache, masked=self.use_masked)
         device = fused.device
         itm_labels = batch.get("itm_labels")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vlm.errors import VLMConfigError
-from vlm.objectives.base import Objective, ObjectiveOutput, StepCache, zero_loss
+from vlm.objectives.base import Objective, ObjectiveOutput, StepCache
 from vlm.objectives.heads import PredictionHead
-from vlm.objectives.mlm import IGNORE_INDEX, classify_masked, head_kwargs, model_dims
+from vlm.objectives.mlm import IGNORE_INDEX, classify_masked, head_kwargs, model_dims, static_shapes
 
 TARGETS = ("auto", "codebook", "pixels")
 
@@ -60,12 +61,19 @@ def normalize_patches(pixels: Tensor, eps: float = 1e-6) -> Tensor:
     return (pixels - mean) / (var + eps).sqrt()
 
 
-def regress_masked(head: nn.Module, hidden: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
-    """Mean squared error of ``head`` on the patches ``keep[B,N]``: mean over kept patches and pixel values."""
-    if not bool(keep.any()):
-        return zero_loss(head) + hidden.sum() * 0.0
+def regress_masked(head: nn.Module, hidden: Tensor, targets: Tensor, keep: Tensor, dense: bool | None = None) -> Tensor:
+    """Mean squared error of ``head`` on the patches ``keep[B,N]``: mean over kept patches and pixel values.
+
+    Sparse (eager: the head runs on kept patches only) or dense (every patch, weighted by ``keep``; fixed
+    shapes for ``torch.compile``), as :func:`vlm.objectives.mlm.classify_masked`. No kept patch: a zero.
+    """
+    keep = keep.to(torch.bool)
+    count = keep.sum().clamp(min=1) * targets.shape[-1]
+    if static_shapes(dense):
+        err = (head(hidden).float() - targets.float()).square().sum(-1)
+        return (err * keep).sum() / count
     pred = head(hidden[keep]).float()
-    return F.mse_loss(pred, targets[keep].float())
+    return F.mse_loss(pred, targets[keep].float(), reduction="sum") / count
 
 
 def patch_prediction(
@@ -145,7 +153,12 @@ class MaskedImageModeling(Objective):
         )
         return ObjectiveOutput(loss, metrics)
 
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Draw the step's patch mask before the (possibly compiled) loss computation."""
+        model.image_masking(batch, cache)
+
 
 __all__ = [
-    "MaskedImageModeling", "codebook_labels", "normalize_patches", "patch_prediction", "resolve_image_target",
+    "MaskedImageModeling", "codebook_labels", "normalize_patches", "patch_prediction", "regress_masked",
+    "resolve_image_target",
 ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vlm.errors import VLMConfigError
-from vlm.objectives.base import Objective, ObjectiveOutput, StepCache, zero_loss
+from vlm.objectives.base import Objective, ObjectiveOutput, StepCache
 from vlm.objectives.heads import PredictionHead
 
 IGNORE_INDEX = -100
@@ -35,21 +36,39 @@ def head_kwargs(dims: Mapping[str, Any]) -> dict[str, Any]:
     return {"eps": float(dims.get("layer_norm_eps", 1e-12)), "act": str(dims.get("hidden_act", "gelu"))}
 
 
-def classify_masked(head: nn.Module, hidden: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+def static_shapes(dense: bool | None) -> bool:
+    """Whether masked heads run on every position (``dense``); ``None`` means: while ``torch.compile`` traces."""
+    return torch.compiler.is_compiling() if dense is None else bool(dense)
+
+
+def classify_masked(
+    head: nn.Module, hidden: Tensor, labels: Tensor, keep: Tensor, dense: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Cross-entropy and accuracy of ``head`` on the positions ``keep[B,T]`` of ``hidden[B,T,D]``.
 
-    The head runs on the kept positions only: the vocabulary projection over every token is the cost of
-    masked modelling. The mean is over all kept tokens of the batch (as HF FLAVA's ``cross_entropy`` on the
-    filtered tokens). With no kept token the loss is a graph-connected zero, not NaN.
+    The mean is over all kept tokens of the batch (as HF FLAVA's ``cross_entropy`` on the filtered tokens);
+    with no kept token the loss is a graph-connected zero, not NaN. Two exact ways to get it, never a
+    ``.item()``:
+
+    - sparse (eager): the head runs on the kept positions only (the vocabulary projection over every token
+      is the cost of masked modelling); boolean indexing costs one device->host sync for the count.
+    - dense (``dense=True``, and by default while ``torch.compile`` traces): the head runs on every position
+      and the cross-entropy is weighted by ``keep``: fixed shapes, no sync, so a whole training step can be
+      one graph (and a CUDA graph) at the price of the head's FLOPs on unmasked positions.
     """
-    if not bool(keep.any()):
-        zero = zero_loss(head) + hidden.sum() * 0.0
-        return zero, zero.detach()
-    logits = head(hidden[keep]).float()
-    target = labels[keep]
-    loss = F.cross_entropy(logits, target)
-    accuracy = (logits.detach().argmax(-1) == target).float().mean()
-    return loss, accuracy
+    keep = keep.to(torch.bool)
+    count = keep.sum().clamp(min=1)
+    if static_shapes(dense):
+        logits = head(hidden).float()
+        target = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        hits = (logits.detach().argmax(-1) == labels) & keep
+    else:
+        logits = head(hidden[keep]).float()
+        target = labels[keep]
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        hits = logits.detach().argmax(-1) == target
+    return loss / count, hits.sum() / count
 
 
 class MaskedLanguageModeling(Objective):
@@ -85,5 +104,9 @@ class MaskedLanguageModeling(Objective):
         loss, accuracy = classify_masked(self.head, hidden, labels, labels.ne(IGNORE_INDEX))
         return ObjectiveOutput(loss, {"accuracy": accuracy})
 
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Draw the step's text mask before the (possibly compiled) loss computation."""
+        model.text_masking(batch, cache)
 
-__all__ = ["MaskedLanguageModeling", "classify_masked", "model_dims", "head_kwargs", "IGNORE_INDEX"]
+
+__all__ = ["MaskedLanguageModeling", "classify_masked", "static_shapes", "model_dims", "head_kwargs", "IGNORE_INDEX"]

@@ -105,5 +105,10 @@ class MaskedMultimodalModeling(Objective):
         metrics.update({f"image_{k}": v for k, v in image_metrics.items()})
         return ObjectiveOutput(loss, metrics)
 
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Draw the step's text and patch masks before the (possibly compiled) loss computation."""
+        model.text_masking(batch, cache)
+        model.image_masking(batch, cache)
+
 
 __all__ = ["MaskedMultimodalModeling", "matched_rows"]
