@@ -85,9 +85,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step, args) -> dict[str, float]:
+def timed_steps(step, args, warmup: int | None = None) -> dict[str, float]:
     """Run warm-up then timed steps; samples/s, step time and peak memory (GPU)."""
-    for _ in range(args.warmup):
+    for _ in range(args.warmup if warmup is None else warmup):
         step()
     sync(args.device)
     if args.device == "cuda":
@@ -138,7 +138,8 @@ def autocast(args):
     return torch.autocast(args.device, dtype=torch.bfloat16, enabled=enabled)
 
 
-def run_vlm(config, batch, args) -> dict:
+def build_vlm(config, batch, args):
+    """(step function, facts) for this model: the benchmark's objectives, fused AdamW, the chosen compile."""
     from vlm.convert.hf_flava import flava_kwargs_from_hf_config
     from vlm.models.flava import FLAVA
 
@@ -150,7 +151,7 @@ def run_vlm(config, batch, args) -> dict:
                   contrastive_from_masked=args.contrastive_from_masked,
                   activation_checkpointing=args.activation_checkpointing).to(args.device)
     model.train()
-    opt = model.configure_optimizers()["optimizer"]  # AdamW, fused on CUDA
+    opt = model.configure_optimizers()["optimizer"]
     b = dict(batch, stream="pairs")
 
     def step():
@@ -161,23 +162,19 @@ def run_vlm(config, batch, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    out = timed_steps(step, args)
-    if args.device == "cuda":
-        out["host_syncs_per_step"] = count_syncs(step)
-    if args.profile:
-        profile(step, args)
-    out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    out["optimizer"] = f"AdamW(fused={opt.defaults.get('fused')})"
+    info = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "optimizer": f"AdamW(fused={opt.defaults.get('fused')})"}
     if args.contrastive_from_masked:
-        out["passes"] = {"image": 1, "text": 1, "multimodal": 1}
-    return out
+        info["passes"] = {"image": 1, "text": 1, "multimodal": 1}
+    return step, info
 
 
-def run_hf(config, batch, args) -> dict:
+def build_hf(config, batch, args):
+    """(step function, facts) for transformers' FlavaForPreTraining with torch's default AdamW."""
     from transformers import FlavaForPreTraining
 
     model = FlavaForPreTraining(config).to(args.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)  # torch default (foreach)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
     def step():
         with autocast(args):
@@ -187,10 +184,58 @@ def run_hf(config, batch, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
 
-    out = timed_steps(step, args)
-    out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    out["optimizer"] = "AdamW(foreach, torch default)"
-    return out
+    return step, {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                  "optimizer": "AdamW(torch default)"}
+
+
+def measure(builders: dict, config, batch, args) -> dict:
+    """Time each side. One repeat: build, time and free one model after the other (GPU memory). More: keep
+    both, alternate timed blocks (order swapped every round) and report the median, so that the load of a
+    shared machine falls on both sides alike."""
+    results: dict[str, dict] = {}
+
+    def failed(name, err):
+        # one side failing (e.g. OOM) must not lose the other's numbers
+        results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=3)}
+
+    if args.repeats == 1:
+        for name, build in builders.items():
+            try:
+                step, info = build(config, batch, args)
+                res = {**timed_steps(step, args), **info}
+                if name == "vlm" and args.device == "cuda":
+                    res["host_syncs_per_step"] = count_syncs(step)
+                if name == "vlm" and args.profile:
+                    profile(step, args)
+                results[name] = res
+            except Exception as err:
+                failed(name, err)
+            step = None
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        return results
+
+    steps, infos, runs = {}, {}, {}
+    for name, build in builders.items():
+        try:
+            steps[name], infos[name] = build(config, batch, args)
+            runs[name] = []
+        except Exception as err:
+            failed(name, err)
+    for r in range(args.repeats):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            try:
+                runs[name].append(timed_steps(steps[name], args, warmup=args.warmup if r < 2 else 0))
+            except Exception as err:
+                failed(name, err)
+                steps.pop(name)
+                runs.pop(name)
+    for name, rs in runs.items():
+        rs = sorted(rs, key=lambda x: x["samples_per_s"])
+        results[name] = {**rs[len(rs) // 2], **infos[name], "samples_per_s_runs": [x["samples_per_s"] for x in rs]}
+    return results
 
 
 def main(argv=None) -> dict:
@@ -211,6 +256,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternating timed blocks per model, median reported (default 1 on cuda, 5 on cpu)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two vlm steps and print the top ROWS kernels")
     parser.add_argument("--out", default=None, help="write results as JSON here")
@@ -224,6 +271,7 @@ def main(argv=None) -> dict:
     args.steps = args.steps or (20 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.repeats = max(1, args.repeats or (1 if cuda else 5))
     torch.manual_seed(0)
 
     from vlm.convert.hf_flava import flava_kwargs_from_hf_config
@@ -250,22 +298,13 @@ def main(argv=None) -> dict:
         "train_flops_per_sample": flops,
         "peak_flops": peak,
     }
-    for name, fn in (("vlm", lambda: run_vlm(config, batch, args)),
-                     ("hf", None if args.skip_hf else lambda: run_hf(config, batch, args))):
-        if fn is None:
-            continue
-        try:
-            res = fn()
-            if peak:
-                # MFU counts the work actually done (fewer passes with --contrastive-from-masked)
-                f = flops_masked_only if res.get("passes") else flops
-                res["mfu"] = res["samples_per_s"] * f / peak
-            result[name] = res
-        except Exception as err:  # one side failing (e.g. OOM) must not lose the other's numbers
-            result[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=3)}
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    builders = {"vlm": build_vlm} if args.skip_hf else {"vlm": build_vlm, "hf": build_hf}
+    for name, res in measure(builders, config, batch, args).items():
+        if peak and "samples_per_s" in res:
+            # MFU counts the work actually done (fewer passes with --contrastive-from-masked)
+            f = flops_masked_only if res.get("passes") else flops
+            res["mfu"] = res["samples_per_s"] * f / peak
+        result[name] = res
     if "samples_per_s" in result.get("vlm", {}) and "samples_per_s" in result.get("hf", {}):
         result["speedup"] = result["vlm"]["samples_per_s"] / result["hf"]["samples_per_s"]
         if cuda:
@@ -291,7 +330,11 @@ def print_report(r: dict) -> None:
             continue
         mem = f"{res['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in res else "n/a (cpu)"
         mfu = f"{100 * res['mfu']:.1f}%" if "mfu" in res else "n/a"
-        print(f"  {name:4s} {res['samples_per_s']:9.1f} samples/s  step {res['step_ms']:8.1f} ms  peak {mem}  "
+        spread = ""
+        if len(res.get("samples_per_s_runs", [])) > 1:
+            spread = f" (median of {len(res['samples_per_s_runs'])}: {min(res['samples_per_s_runs']):.1f}-" \
+                     f"{max(res['samples_per_s_runs']):.1f})"
+        print(f"  {name:4s} {res['samples_per_s']:9.1f} samples/s{spread}  step {res['step_ms']:8.1f} ms  peak {mem}  "
               f"MFU {mfu}  loss {res['final_loss']:.3f}  ({res['optimizer']})"
               + (f"  syncs/step {res['host_syncs_per_step']}" if "host_syncs_per_step" in res else ""))
     if "speedup" in r:

@@ -84,6 +84,26 @@ def test_parameter_groups_skip_frozen_and_exempt_norms_biases_gates_from_decay()
     assert id(model.objectives["se"].head.bias) in no_decay
 
 
+def test_optimizer_is_fused_adamw_with_the_adamw_update():
+    model = make(weight_decay=0.1, lr=0.01)
+    opt = model.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"]  # CPU has a fused kernel: one call per step instead of a per-tensor loop
+    params = [p for g in model.parameter_groups() for p in g["params"]]
+    before = {id(p): p.detach().double().clone() for p in params}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = {id(p): p.grad.double().clone() for p in params}
+    opt.step()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for group in opt.param_groups:
+        for p in group["params"]:
+            # first AdamW step from zero moments, in float64: decoupled decay, then the bias-corrected ratio
+            g, w = grads[id(p)], before[id(p)]
+            m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
+            expect = w * (1 - 0.01 * group["weight_decay"]) - 0.01 * m_hat / (v_hat.sqrt() + eps)
+            torch.testing.assert_close(p.detach().double(), expect, rtol=1e-5, atol=1e-6)
+
+
 def test_lr_schedule_warmup_then_cosine_formula():
     model = make(warmup_steps=10, min_lr_ratio=0.1)
 
