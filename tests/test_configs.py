@@ -89,3 +89,20 @@ def test_staged_overlay_runs_unimodal_first_then_joint(tmp_path, monkeypatch):
     freeze.apply(cli.trainer, model, freeze._stage_index(300))
     assert [k for k, _, _ in model.active_objectives("pairs")] == ["gc", "itm", "mmm"]
     assert all(p.requires_grad for p in model.multimodal_encoder.parameters())
+
+
+def test_compile_step_is_settable_from_the_command_line(tmp_path, monkeypatch):
+    """`compile: step` and `compile_options` parse through LightningCLI (a bool | str union and a mapping)."""
+    from vlm.cli import VLMCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
+    cli = VLMCLI(args=["--config", str(ROOT / "conf/flava/tiny.yaml"), "--trainer.logger=false", *SMALL_SYNTHETIC,
+                       "--model.init_args.compile=step",
+                       "--model.init_args.compile_options={backend: aot_eager, fullgraph: true}"],
+                 run=False)
+    assert cli.model.compile_scope == "step"
+    assert cli.model.compile_options == {"backend": "aot_eager", "fullgraph": True}
+    cli = VLMCLI(args=["--config", str(ROOT / "conf/flava/tiny.yaml"), "--trainer.logger=false", *SMALL_SYNTHETIC,
+                       "--model.init_args.compile=true"], run=False)
+    assert cli.model.compile_scope == "towers"

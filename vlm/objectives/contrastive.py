@@ -78,10 +78,20 @@ class _LearnableScale(Objective):
         self.max_logit_scale = float(max_logit_scale)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learnable_temperature)
 
-    def scale(self) -> Tensor:
-        """exp(logit_scale) after clamping the parameter in place (so imported values obey the same cap)."""
+    def clamp_scale_(self) -> None:
+        """Clamp the parameter in place, so that imported values obey the same cap."""
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, self.max_logit_scale)
+
+    def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
+        """Clamp eagerly before the step: a compiled step then mutates no parameter (CUDA graphs need that)."""
+        self.clamp_scale_()
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), the parameter clamped to [0, max_logit_scale] (in place too, outside torch.compile)."""
+        if torch.compiler.is_compiling():  # ``prepare`` clamped it already; stay functional inside the graph
+            return self.logit_scale.clamp(0.0, self.max_logit_scale).exp()
+        self.clamp_scale_()
         return self.logit_scale.exp()
 
     @staticmethod
