@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from vlm.errors import VLMConfigError
 from vlm.objectives.base import Objective, StepCache
+from vlm.objectives.distributed import local_only
 
 #: what ``compile`` may name: nothing, each encoder tower (the model's choice of modules), or the whole loss
 #: computation of a training step (forward of every objective; AOTAutograd compiles its backward too).
@@ -269,21 +270,22 @@ class VLMModule(L.LightningModule):
         self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+    def _eval_step(self, prefix: str, batch: Mapping[str, Any]) -> Tensor | None:
         stream = batch.get("stream")
         if stream not in self.stream_weights:
             return None
-        loss, logs = self.compute_losses(batch)
-        self._log_dict("val", logs, self.batch_size_of(batch), on_step=False)
+        # Objectives see this rank's rows only (no collective per batch: ranks may hold different numbers of
+        # evaluation batches); the logged means are reduced over ranks at the end of the epoch.
+        with local_only():
+            loss, logs = self.compute_losses(batch)
+        self._log_dict(prefix, logs, self.batch_size_of(batch), on_step=False)
         return loss
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+        return self._eval_step("val", batch)
+
     def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
-        stream = batch.get("stream")
-        if stream not in self.stream_weights:
-            return None
-        loss, logs = self.compute_losses(batch)
-        self._log_dict("test", logs, self.batch_size_of(batch), on_step=False)
-        return loss
+        return self._eval_step("test", batch)
 
     # ------------------------------------------------------------------ optimisation
     NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "cls_token", "pos_embed", "position_embedding",

@@ -11,24 +11,48 @@ computed for a row, so a rank's features receive ``d(sum of all ranks' losses) /
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_LOCAL_DEPTH = 0
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside, every helper here acts as in a single process: objectives compute on this rank's rows alone.
+
+    Evaluation uses it: a collective per batch would deadlock ranks that hold different numbers of
+    evaluation batches (iterable streams split by shard), and evaluation losses are averaged over ranks
+    at the end of the epoch anyway.
+    """
+    global _LOCAL_DEPTH
+    _LOCAL_DEPTH += 1
+    try:
+        yield
+    finally:
+        _LOCAL_DEPTH -= 1
+
+
+def _group_active() -> bool:
+    return _LOCAL_DEPTH == 0 and dist.is_available() and dist.is_initialized()
+
 
 def is_distributed() -> bool:
-    """True when a process group with more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group with more than one rank is initialised (and not inside ``local_only``)."""
+    return _group_active() and dist.get_world_size() > 1
 
 
 def get_world_size() -> int:
-    """Number of ranks; 1 without an initialised process group."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Number of ranks; 1 without an initialised process group or inside ``local_only``."""
+    return dist.get_world_size() if _group_active() else 1
 
 
 def get_rank() -> int:
-    """This process's rank; 0 without an initialised process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank; 0 without an initialised process group or inside ``local_only``."""
+    return dist.get_rank() if _group_active() else 0
 
 
 def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
