@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench train debug overfit clean
+.PHONY: help install demo test test-fast lint bench bench-gpu train debug overfit clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## speed/memory harnesses (CPU here; pass ARGS="--device cuda --size base" on a GPU)
 	$(PY) benchmarks/contrastive.py $(ARGS)
 	$(PY) benchmarks/flava.py $(ARGS)
+
+bench-gpu: $(STAMP) ## the FLAVA-base speed table on a GPU (eager vs HF, compiled step, CUDA graphs), ~10 min
+	PYTHON=$(PY) bash benchmarks/gpu_session.sh
 
 train: $(STAMP) ## vlm fit --config $(CONFIG)
 	$(VENV)/bin/vlm fit --config $(CONFIG)
