@@ -107,3 +107,12 @@ def test_bad_compile_settings_name_the_fix():
         FLAVA(**tiny_kwargs(compile="everything"))
     with pytest.raises(VLMConfigError, match="compile_options"):
         FLAVA(**tiny_kwargs(compile="step", compile_options={"modes": "max-autotune"}))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_equals_eager():
+    """The real backend (C++ code on CPU): a stream whose loss is one objective at weight 1 returns a loss with
+    its autograd history (returning detached aliases of it once made inductor drop that history)."""
+    torch._dynamo.reset()
+    eager, compiled = eager_and_compiled(options={"fullgraph": True})
+    assert_same_step(eager, compiled, dict(make_batch("images"), batch_index=0))

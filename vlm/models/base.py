@@ -211,10 +211,14 @@ class VLMModule(L.LightningModule):
         logs[f"{stream}/loss"] = total.detach()
         return total, logs
 
-    def _prepared_losses(self, batch: Mapping[str, Any], prepared: Mapping[Any, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        # A cache local to the compiled function: what objectives memoise stays inside the graph (only the
-        # loss and the logs leave it), and no generator object reaches the tracer.
-        return self.weighted_losses(batch, StepCache(prepared))
+    def _prepared_losses(self, batch: Mapping[str, Any], prepared: Mapping[Any, Any]) -> tuple[Tensor, tuple, Tensor]:
+        # A cache local to the compiled function: what objectives memoise stays inside the graph, and no
+        # generator object reaches the tracer. Only the loss and ONE new tensor of logged values leave it:
+        # returned detached aliases of the loss (a metric that is the loss itself, a weight of 1 folded away)
+        # made inductor's graph drop the loss's autograd history.
+        total, logs = self.weighted_losses(batch, StepCache(prepared))
+        keys = tuple(logs)
+        return total, keys, torch.stack([logs[k].float().reshape(()) for k in keys])
 
     def _compiled_losses(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, dict[str, Tensor]]:
         if self._compiled_step is None:
@@ -228,10 +232,10 @@ class VLMModule(L.LightningModule):
         tensors["stream"] = batch.get("stream")
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        total, logs = self._compiled_step(tensors, dict(cache))
+        total, keys, values = self._compiled_step(tensors, dict(cache))
         if cudagraphs:  # logged values must outlive the next replay
-            logs = {k: v.clone() for k, v in logs.items()}
-        return total, logs
+            values = values.clone()
+        return total, dict(zip(keys, values.unbind()))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
