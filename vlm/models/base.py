@@ -222,9 +222,7 @@ class VLMModule(L.LightningModule):
 
     def _compiled_losses(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, dict[str, Tensor]]:
         if self._compiled_step is None:
-            opts = self.compile_options
-            self.__dict__["_compiled_step"] = torch.compile(
-                self._prepared_losses, **{k: v for k, v in opts.items() if k in COMPILE_OPTIONS})
+            self.__dict__["_compiled_step"] = torch.compile(self._prepared_losses, **self.compile_options)
         cudagraphs = self.compile_options.get("mode") in CUDAGRAPH_MODES or bool(
             (self.compile_options.get("options") or {}).get("triton.cudagraphs"))
         # Only tensors (and the stream name) go in: a changing int or string would recompile every step.

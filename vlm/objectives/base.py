@@ -120,13 +120,3 @@ def masked_accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) ->
     keep = labels != ignore_index
     hits = (logits.argmax(-1) == labels) & keep
     return hits.sum() / keep.sum().clamp(min=1)
-
-
-def zero_loss(reference: Tensor | nn.Module) -> Tensor:
-    """A zero that keeps the graph connected (DDP needs every used parameter to get a gradient)."""
-    if isinstance(reference, nn.Module):
-        params = [p for p in reference.parameters() if p.requires_grad]
-        if params:
-            return sum(p.sum() for p in params) * 0.0
-        return torch.zeros(())
-    return reference.sum() * 0.0

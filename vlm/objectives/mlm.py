@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vlm.errors import VLMConfigError
-from vlm.objectives.base import Objective, ObjectiveOutput, StepCache
+from vlm.objectives.base import Objective, ObjectiveOutput, StepCache, masked_accuracy
 from vlm.objectives.heads import PredictionHead
 
 IGNORE_INDEX = -100
@@ -62,13 +62,11 @@ def classify_masked(
         logits = head(hidden).float()
         target = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
         loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        hits = (logits.detach().argmax(-1) == labels) & keep
     else:
         logits = head(hidden[keep]).float()
         target = labels[keep]
         loss = F.cross_entropy(logits, target, reduction="sum")
-        hits = logits.detach().argmax(-1) == target
-    return loss / count, hits.sum() / count
+    return loss / count, masked_accuracy(logits.detach(), target, IGNORE_INDEX)
 
 
 class MaskedLanguageModeling(Objective):
