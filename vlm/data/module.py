@@ -165,21 +165,21 @@ class SizedMultiStreamLoader(MultiStreamLoader):
         return self.steps_per_epoch
 
 
-class _EvalSampler(Sampler[int]):
-    """Rank ``r`` of ``w`` takes indices ``r, r+w, ...``; with several ranks the tail is padded by wrapping so
-    every rank runs the same number of batches (as Lightning's DistributedSampler does)."""
+class _EvalBatches(Sampler[list[int]]):
+    """The single-process batches of an evaluation set, dealt out: rank ``r`` of ``w`` takes batches
+    ``r, r+w, ...``. No sample is repeated or dropped, so ranks may hold different numbers of batches
+    (evaluation needs no per-batch collective), and every batch holds exactly the rows it holds in one
+    process: per-batch losses, and means weighted by rows, equal a single process's."""
 
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
-        idx = list(range(size))
-        if world_size > 1 and size % world_size:
-            idx += idx[: world_size - size % world_size]
-        self.idx = idx[rank::world_size]
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int) -> None:
+        starts = range(0, size, batch_size)
+        self.batches = [list(range(s, min(s + batch_size, size))) for s in starts][rank::world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.idx)
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.idx)
+        return len(self.batches)
 
 
 class EvalLoader:
@@ -189,8 +189,9 @@ class EvalLoader:
                  world_size: int = 1, pin_memory: bool = False, persistent_workers: bool = False) -> None:
         stream.check(name)
         self.name, self.stream = name, stream
+        self.rank, self.world_size = rank, world_size
         ds = stream.dataset
-        common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=False, pin_memory=pin_memory,
+        common = dict(num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=StreamCollate(name, stream.transform, stream.collate),
                       generator=torch.Generator().manual_seed(derive_seed("eval", seed, name, rank)))
         if stream.is_iterable:
@@ -198,9 +199,9 @@ class EvalLoader:
                 ds.set_rank(rank, world_size)
             if hasattr(ds, "set_epoch"):
                 ds.set_epoch(0)
-            self.loader = DataLoader(ds, **common)
+            self.loader = DataLoader(ds, batch_size=batch_size, drop_last=False, **common)
         else:
-            self.loader = DataLoader(ds, sampler=_EvalSampler(len(ds), rank, world_size),
+            self.loader = DataLoader(ds, batch_sampler=_EvalBatches(len(ds), batch_size, rank, world_size),
                                      persistent_workers=persistent_workers and num_workers > 0, **common)
 
     def __len__(self) -> int:
@@ -215,7 +216,9 @@ class EvalLoader:
             if _is_empty(batch):
                 continue
             batch["num_skipped"], carry = carry, 0
-            batch["stream"], batch["batch_index"] = self.name, index
+            # position over all ranks (rank r holds batches r, r+w, ...): seeds the batch's masks the same way
+            # whichever rank evaluates it
+            batch["stream"], batch["batch_index"] = self.name, index * self.world_size + self.rank
             index += 1
             yield batch
 

@@ -19,6 +19,14 @@ from torch import Tensor, nn
 from vlm.errors import VLMConfigError
 from vlm.objectives.base import Objective, StepCache
 from vlm.objectives.distributed import local_only
+from vlm.parallel import (
+    GraphCover,
+    clip_gradients,
+    reduce_weighted_means,
+    rewrap_ddp,
+    static_ddp,
+    trainable_signature,
+)
 
 #: what ``compile`` may name: nothing, each encoder tower (the model's choice of modules), or the whole loss
 #: computation of a training step (forward of every objective; AOTAutograd compiles its backward too).
@@ -106,6 +114,9 @@ class VLMModule(L.LightningModule):
         self._compiled_step = None
         self.step_rng: torch.Generator | None = None
         self.skipped_samples: dict[str, int] = {}
+        self._graph_cover = GraphCover()  # DDP with per-stream objectives (vlm.parallel)
+        self._ddp_signature: tuple[int, ...] | None = None
+        self._eval_sums: dict[str, tuple[Tensor, float]] = {}  # evaluation: key -> (sum of value*rows, rows)
         for stream, ws in self.stream_weights.items():
             for key in ws:
                 if key not in self.objectives:
@@ -164,7 +175,9 @@ class VLMModule(L.LightningModule):
         position = batch.get("batch_index", self.global_step if self._trainer is not None else 0)
         if isinstance(position, Tensor):
             position = int(position.reshape(-1)[0])
-        rank = self.global_rank if self._trainer is not None else 0
+        # Training: rank-distinct draws. Evaluation batches carry a position unique over ranks, so the same
+        # batch gets the same masks whichever rank holds it (DDP evaluation equals a single process's).
+        rank = self.global_rank if self._trainer is not None and self.training else 0
         stream = str(batch.get("stream", ""))
         seed = zlib.crc32(f"{self.seed}/{position}/{rank}/{stream}".encode())
         return torch.Generator().manual_seed(seed)
@@ -238,6 +251,7 @@ class VLMModule(L.LightningModule):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         state["_compiled_step"], state["step_rng"] = None, None  # rebuilt on first use
+        state["_graph_cover"], state["_ddp_signature"] = GraphCover(), None
         return state
 
     @staticmethod
@@ -264,24 +278,83 @@ class VLMModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor | None:
         self._count_skipped(batch)
-        if not self.active_objectives(batch.get("stream")):
+        active = self.active_objectives(batch.get("stream"))
+        if not active:
             return None  # every weight of this stream is 0 now (staged schedule): skip, no forward, no step
         loss, logs = self.compute_losses(batch)
         bs = self.batch_size_of(batch)
         self._log_dict("train", logs, bs, on_step=True)
         self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
+        if static_ddp(self._trainer) is not None:  # every trainable parameter in the graph (vlm.parallel)
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            key = (batch.get("stream"), tuple(k for k, _, _ in active), tuple(id(p) for p in trainable))
+            loss = self._graph_cover.cover(loss, key, trainable)
         return loss
+
+    # ------------------------------------------------------------------ data parallel, clipping
+    def setup(self, stage: str) -> None:
+        # What DDP will register: the strategy wraps the model right after this hook.
+        self._ddp_signature = trainable_signature(self)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if static_ddp(self._trainer) is None:
+            return
+        now = trainable_signature(self)
+        if self._ddp_signature is not None and now != self._ddp_signature:
+            # A FreezeSchedule changed what trains: DDP registers only parameters that require gradients.
+            rewrap_ddp(self.trainer.strategy)
+        self._ddp_signature = now
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if static_ddp(self._trainer) is not None:
+            self._graph_cover.release(p for p in self.parameters() if p.requires_grad)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clipping that also works with the fused AdamW under bf16/fp16 and FSDP (``vlm.parallel.clip_gradients``)."""
+        norm = clip_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if norm is not None:
+            self.log("train/grad_norm", norm.detach().float(), on_step=True, batch_size=1)
 
     def _eval_step(self, prefix: str, batch: Mapping[str, Any]) -> Tensor | None:
         stream = batch.get("stream")
         if stream not in self.stream_weights:
             return None
         # Objectives see this rank's rows only (no collective per batch: ranks may hold different numbers of
-        # evaluation batches); the logged means are reduced over ranks at the end of the epoch.
+        # evaluation batches); the sums are reduced over ranks once, at the end of the epoch.
         with local_only():
             loss, logs = self.compute_losses(batch)
-        self._log_dict(prefix, logs, self.batch_size_of(batch), on_step=False)
+        rows = self.batch_size_of(batch)
+        for k, v in logs.items():
+            self.accumulate_eval(f"{prefix}/{k}", v.detach().float() * rows, rows)
         return loss
+
+    def accumulate_eval(self, key: str, total: Tensor, count: float) -> None:
+        """Add to an evaluation mean logged at epoch end as ``key``: ``total`` (a sum over ``count`` rows)."""
+        if key in self._eval_sums:
+            t, c = self._eval_sums[key]
+            self._eval_sums[key] = (t + total, c + count)
+        else:
+            self._eval_sums[key] = (total, count)
+
+    def _log_eval_means(self) -> None:
+        # Every rank reduces (also one that held no batch of some stream), so means equal a single process's.
+        means = reduce_weighted_means(self._eval_sums, self.device)
+        self._eval_sums = {}
+        for key, value in means.items():
+            self.log(key, value, sync_dist=False, add_dataloader_idx=False, rank_zero_only=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_means()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_means()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
         return self._eval_step("val", batch)

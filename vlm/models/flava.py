@@ -214,8 +214,7 @@ class FLAVA(VLMModule):
         self._tokenizer = None
         if tokenizer is not None:  # a vocabulary that doesn't match the text tower fails here, not mid-run
             check_vocab(self.text_encoder, self._get_tokenizer())
-        self._val_retrieval: dict[str, Any] = {}
-        self._val_zeroshot: dict[str, list[Tensor]] = {}
+        self._val_retrieval: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stream -> (image, text, id) rows
 
         if activation_checkpointing:
             for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
@@ -441,21 +440,18 @@ class FLAVA(VLMModule):
         return self.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
     def on_validation_epoch_start(self) -> None:
-        self._val_retrieval, self._val_zeroshot = {}, {}
+        super().on_validation_epoch_start()
+        self._val_retrieval = {}
         self._zeroshot_weights = None
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
         loss = super().validation_step(batch, batch_idx, dataloader_idx)
         stream = str(batch.get("stream"))
         if batch.get("pair_id") is not None and batch.get("input_ids") is not None and "pixel_values" in batch:
-            from vlm.metrics.retrieval import RetrievalRecall
-
-            metric = self._val_retrieval.get(stream)
-            if metric is None:
-                metric = self._val_retrieval[stream] = RetrievalRecall().to(self.device)
-            metric.update(self.encode_image(batch["pixel_values"]),
-                          self.encode_text(batch["input_ids"], batch.get("attention_mask")),
-                          batch["pair_id"])
+            rows = self._val_retrieval.setdefault(stream, [])
+            rows.append((self.encode_image(batch["pixel_values"]).float().cpu(),
+                         self.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu(),
+                         batch["pair_id"].reshape(-1).long().cpu()))
         if batch.get("class_index") is not None and "pixel_values" in batch and self.zeroshot_class_names:
             if getattr(self, "_zeroshot_weights", None) is None:
                 from vlm.metrics.retrieval import zero_shot_classifier
@@ -465,19 +461,34 @@ class FLAVA(VLMModule):
             logits = self.encode_image(batch["pixel_values"]) @ self._zeroshot_weights.to(self.device).T
             target = batch["class_index"].reshape(-1)
             hits = (logits.argmax(-1) == target).float()[target >= 0]  # -1: the image has no class
-            self._val_zeroshot.setdefault(stream, []).append(hits)
+            self.accumulate_eval(f"val/zeroshot/top1@{stream}", hits.sum(), hits.numel())
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        for stream, metric in self._val_retrieval.items():
-            suffix = "" if len(self._val_retrieval) == 1 else f"/{stream}"
+        from vlm.metrics.retrieval import RetrievalRecall
+        from vlm.parallel import all_gather_objects
+
+        # Retrieval ranks every caption against every image of the split, whichever rank embedded them: the
+        # rows of all ranks are gathered (every rank takes part, also one that held no pairs batch).
+        local = {k: tuple(torch.cat(col) for col in zip(*rows)) for k, rows in self._val_retrieval.items()}
+        zs_keys = [k for k in self._eval_sums if k.startswith("val/zeroshot/top1@")]
+        gathered = all_gather_objects((local, {k.split("@", 1)[1] for k in zs_keys}))
+        streams = sorted(set().union(*(g[0] for g in gathered)))
+        for stream in streams:
+            parts = [g[0][stream] for g in gathered if stream in g[0]]
+            metric = RetrievalRecall(sync_on_compute=False)
+            metric.update(*(torch.cat(col) for col in zip(*parts)))
+            suffix = "" if len(streams) == 1 else f"/{stream}"
             for k, v in metric.compute().items():
-                self.log(f"val/retrieval/{k}{suffix}", v, sync_dist=False)
-        for stream, hits in self._val_zeroshot.items():
-            suffix = "" if len(self._val_zeroshot) == 1 else f"/{stream}"
-            hits_t = torch.cat(hits)
-            self.log(f"val/zeroshot/top1{suffix}", hits_t.mean(), batch_size=hits_t.numel(), sync_dist=True)
-        self._val_retrieval, self._val_zeroshot = {}, {}
+                self.log(f"val/retrieval/{k}{suffix}", v.to(self.device), sync_dist=False)
+        self._val_retrieval = {}
+        # zero-shot accuracy: one mean over every rank's images (reduced with the losses by the base class);
+        # named per stream only when several streams (on any rank) carry classes
+        several = len(set().union(*(g[1] for g in gathered))) > 1
+        for k in zs_keys:
+            stream = k.split("@", 1)[1]
+            self._eval_sums[f"val/zeroshot/top1/{stream}" if several else "val/zeroshot/top1"] = self._eval_sums.pop(k)
+        super().on_validation_epoch_end()
 
 
 def flava_flops_per_sample(model: FLAVA, text_len: int, image_size: int | None = None,
