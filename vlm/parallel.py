@@ -121,6 +121,42 @@ def rewrap_ddp(strategy) -> DistributedDataParallel:
     return new
 
 
+#: transformer blocks of the shipped towers (timm ViT/pre-norm blocks; Hugging Face BERT-style layers)
+DEFAULT_BLOCKS = ("timm.models.vision_transformer.Block", "transformers.models.bert.modeling_bert.BertLayer")
+
+
+def resolve_classes(names: Sequence[str]) -> set[type]:
+    """Classes from import paths (``package.module.Class``); an unknown one is one error naming it."""
+    import importlib
+
+    out = set()
+    for name in names:
+        module_name, _, cls_name = str(name).rpartition(".")
+        try:
+            out.add(getattr(importlib.import_module(module_name), cls_name))
+        except (ImportError, AttributeError, ValueError) as err:
+            raise VLMConfigError(f"Block class {name!r} cannot be imported ({err}); give an import path such as "
+                                 f"{DEFAULT_BLOCKS[0]!r}.") from None
+    return out
+
+
+try:
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy as _ModuleWrapPolicy
+except ImportError:  # pragma: no cover - torch without FSDP
+    _ModuleWrapPolicy = object
+
+
+class BlockPolicy(_ModuleWrapPolicy):
+    """FSDP auto-wrap and activation-checkpointing policy: one unit per transformer block of the towers.
+
+    A ``ModuleWrapPolicy`` over block classes given by import path, so that a YAML preset can name them.
+    """
+
+    def __init__(self, names: Sequence[str] = DEFAULT_BLOCKS) -> None:
+        self.names = tuple(names)
+        super().__init__(resolve_classes(self.names))
+
+
 def _world() -> int:
     import torch.distributed as dist
 
@@ -206,5 +242,5 @@ def clip_gradients(trainer, optimizer: torch.optim.Optimizer, clip_val: float | 
     return torch.nn.utils.clip_grad_norm_(params, clip_val)
 
 
-__all__ = ["GraphCover", "all_gather_objects", "clip_gradients", "reduce_weighted_means", "reachable_parameters", "rewrap_ddp", "static_ddp",
+__all__ = ["BlockPolicy", "DEFAULT_BLOCKS", "GraphCover", "all_gather_objects", "clip_gradients", "reduce_weighted_means", "reachable_parameters", "rewrap_ddp", "static_ddp",
            "trainable_signature"]

@@ -174,6 +174,10 @@ class _EvalBatches(Sampler[list[int]]):
     def __init__(self, size: int, batch_size: int, rank: int, world_size: int) -> None:
         starts = range(0, size, batch_size)
         self.batches = [list(range(s, min(s + batch_size, size))) for s in starts][rank::world_size]
+        if not self.batches and world_size > 1:
+            # one empty batch (skipped by EvalLoader): Lightning skips a rank's evaluation loop, epoch-end
+            # hooks included, when its loader has no length, and the epoch-end reduction needs every rank
+            self.batches = [[]]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -276,6 +280,8 @@ class MultiStreamDataModule(L.LightningDataModule):
             )
         self._train_loader: MultiStreamLoader | None = None
         self._restore_state: dict[str, Any] | None = None
+        # evaluation batches are dealt out whole, so a rank may hold none of a small evaluation stream
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     @staticmethod
     def _check_streams(streams: Mapping[str, Stream] | None, key: str, required: bool = False) -> dict[str, Stream]:

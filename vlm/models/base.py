@@ -279,8 +279,14 @@ class VLMModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor | None:
         self._count_skipped(batch)
         active = self.active_objectives(batch.get("stream"))
-        if not active:
-            return None  # every weight of this stream is 0 now (staged schedule): skip, no forward, no step
+        if not active:  # every weight of this stream is 0 now (staged schedule): no forward, no update
+            if static_ddp(self._trainer) is None:
+                return None
+            # Lightning cannot skip a step under DDP: a zero loss over every parameter's zero gradient, all of
+            # them released before AdamW, updates nothing, as a skipped step in a single process.
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            key = (batch.get("stream"), (), tuple(id(p) for p in trainable))
+            return self._graph_cover.cover(torch.zeros((), device=self.device), key, trainable)
         loss, logs = self.compute_losses(batch)
         bs = self.batch_size_of(batch)
         self._log_dict("train", logs, bs, on_step=True)
