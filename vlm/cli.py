@@ -2,6 +2,7 @@
 
     vlm fit --config conf/flava/tiny.yaml --trainer.max_steps=50
     vlm data synth --out data/synth --num 2000
+    vlm export --ckpt runs/checkpoints/flava-tiny/last.ckpt --out exported/flava-tiny
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 EXTRAS = {
     "data": "vlm data synth --out DIR --num N   write the synthetic world as WebDataset shards",
+    "export": "vlm export --ckpt PATH --out DIR     model.safetensors + config.yaml, loadable without Lightning",
 }
 
 
@@ -26,6 +28,14 @@ class VLMCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        # `--ckpt_path` is read with torch.load(weights_only=True) unless `--weights_only=false` is given: vlm's
+        # checkpoints hold only tensors and plain data (vlm.checkpoint), whatever torch's own default is.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            parser.set_defaults(weights_only=True)
+        return parser
 
     def instantiate_classes(self) -> None:
         try:
@@ -58,6 +68,10 @@ def _extras(argv: list[str]) -> int | None:
     if argv[:1] == ["data"]:
         print("usage: " + EXTRAS["data"], file=sys.stderr)
         return 2
+    if argv[:1] == ["export"]:
+        from vlm.export import main as export_main
+
+        return export_main(argv[1:])
     return None
 
 

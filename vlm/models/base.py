@@ -416,3 +416,11 @@ class VLMModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ throughput
+    def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
+        """Analytic training FLOPs (forward + backward) per sample of ``batch``'s stream; None if the model has no count.
+
+        Used by ``vlm.callbacks.Throughput`` for MFU; models override it.
+        """
+        return None

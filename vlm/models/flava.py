@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vlm.checkpoint import keep_plain_hparams
 from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_text_encoder, check_vocab
 from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, patchify
 from vlm.errors import MissingBatchField, VLMConfigError
@@ -152,10 +153,10 @@ class FLAVA(VLMModule):
         )
         if fusion_input not in FUSION_INPUTS:
             raise VLMConfigError(f"fusion_input={fusion_input!r}: use one of {FUSION_INPUTS}.")
-        if not isinstance(image_codebook, (str, dict, type(None))):
-            self.save_hyperparameters(ignore=["objectives", "image_codebook"])
-        else:
-            self.save_hyperparameters(ignore=["objectives"])
+        # objectives stay in hparams when they are config (LightningCLI), so a checkpoint rebuilds their heads;
+        # objects (built in Python) are left out, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=[] if isinstance(image_codebook, (str, dict, type(None))) else ["image_codebook"])
+        keep_plain_hparams(self)
 
         vcfg = VisionConfig.from_any(vision)
         if pretrained_image is not None:
@@ -489,6 +490,39 @@ class FLAVA(VLMModule):
             stream = k.split("@", 1)[1]
             self._eval_sums[f"val/zeroshot/top1/{stream}" if several else "val/zeroshot/top1"] = self._eval_sums.pop(k)
         super().on_validation_epoch_end()
+
+    # ============================================================== throughput
+    def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
+        """Training FLOPs per sample of ``batch`` (``flava_flops_per_sample``) over the tower passes its stream's
+        active objectives run, each (tower, masked) pass once as the step cache shares them: pairs with
+        GC + ITM + MMM -> image 2, text 2, multimodal 1 + ITM's fused negatives per row; images with MIM -> image 1;
+        text with MLM -> text 1. Hard ITM's no-grad embedding passes count as training passes. None when an
+        objective needs none of the capabilities counted here.
+        """
+        image, text, fused, negatives = set(), set(), set(), 0.0
+        size = self.batch_size_of(batch)
+        for _, obj, _ in self.active_objectives(batch.get("stream")):
+            caps = set(obj.requires_capabilities)
+            if not caps & {"contrastive_embeddings", "multimodal_hidden", "image_hidden", "text_hidden"}:
+                return None
+            if "contrastive_embeddings" in caps:
+                image.add(self.contrastive_from_masked)
+                text.add(self.contrastive_from_masked)
+            if "multimodal_hidden" in caps:
+                masked = bool(getattr(obj, "use_masked", True))
+                image.add(masked)
+                text.add(masked)
+                fused.add(masked)
+                if "fuse" in caps and callable(getattr(obj, "num_negatives", None)) and size:
+                    negatives += obj.num_negatives(size) / size
+            if "image_hidden" in caps:
+                image.add(True)
+            if "text_hidden" in caps:
+                text.add(True)
+        ids, pixels = batch.get("input_ids"), batch.get("pixel_values")
+        passes = {"image": len(image), "text": len(text), "multimodal": len(fused) + negatives}
+        return flava_flops_per_sample(self, int(ids.shape[1]) if isinstance(ids, Tensor) else 0,
+                                      int(pixels.shape[-1]) if isinstance(pixels, Tensor) else None, passes)
 
 
 def flava_flops_per_sample(model: FLAVA, text_len: int, image_size: int | None = None,
