@@ -164,6 +164,11 @@ def build_vlm(config, batch, args):
 
     info = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "optimizer": f"AdamW(fused={opt.defaults.get('fused')})"}
+    if args.compile != "none":  # compilation happens in the first step: what a run waits before training
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        info["time_to_first_step_s"] = time.perf_counter() - t0
     if args.contrastive_from_masked:
         info["passes"] = {"image": 1, "text": 1, "multimodal": 1}
     return step, info
@@ -336,7 +341,8 @@ def print_report(r: dict) -> None:
                      f"{max(res['samples_per_s_runs']):.1f})"
         print(f"  {name:4s} {res['samples_per_s']:9.1f} samples/s{spread}  step {res['step_ms']:8.1f} ms  peak {mem}  "
               f"MFU {mfu}  loss {res['final_loss']:.3f}  ({res['optimizer']})"
-              + (f"  syncs/step {res['host_syncs_per_step']}" if "host_syncs_per_step" in res else ""))
+              + (f"  syncs/step {res['host_syncs_per_step']}" if "host_syncs_per_step" in res else "")
+              + (f"  time_to_first_step_s {res['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in res else ""))
     if "speedup" in r:
         extra = f", memory vlm/hf {r['memory_ratio']:.2f}" if "memory_ratio" in r else ""
         print(f"  speedup vlm/hf: {r['speedup']:.2f}x{extra}")

@@ -112,6 +112,8 @@ class VLMModule(L.LightningModule):
         if unknown:
             raise VLMConfigError(f"Unknown compile_options {unknown}; torch.compile takes {list(COMPILE_OPTIONS)}.")
         self._compiled_step = None
+        self._compiled_sizes: dict[Any, int] = {}  # batch size each stream's training steps compile for
+        self._compile_this_step = False
         self.step_rng: torch.Generator | None = None
         self.skipped_samples: dict[str, int] = {}
         self._graph_cover = GraphCover()  # DDP with per-stream objectives (vlm.parallel)
@@ -196,10 +198,24 @@ class VLMModule(L.LightningModule):
         active = self.active_objectives(stream)
         for key, obj, _ in active:
             obj.check_batch(batch, stream, key)
+        self._compile_this_step = self.compiles(batch)
         self.prepare_step(batch, cache, active)
-        if self.compile_scope == "step" and self.training and torch.is_grad_enabled():
+        if self.compile_scope == "step" and self._compile_this_step:
             return self._compiled_losses(batch, cache)
         return self.weighted_losses(batch, cache)
+
+    def compiles(self, batch: Mapping[str, Any]) -> bool:
+        """Whether this step runs compiled code (either scope): training steps only (train mode, grad on) at
+        their stream's batch size. Evaluation and inference run eagerly, and so does a training batch smaller
+        than its stream's (samples skipped, a short last batch): compiling it would add a graph, and then
+        leave later batches on dynamic-shape code. A larger one (the first was short) compiles anew."""
+        if self.compile_scope == "none" or not (self.training and torch.is_grad_enabled()):
+            return False
+        stream, size = batch.get("stream"), self.batch_size_of(batch)
+        if size < self._compiled_sizes.get(stream, 0):
+            return False
+        self._compiled_sizes[stream] = size
+        return True
 
     def prepare_step(self, batch: Mapping[str, Any], cache: StepCache,
                      active: list[tuple[str, Objective, float]]) -> None:

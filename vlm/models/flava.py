@@ -101,7 +101,8 @@ class FLAVA(VLMModule):
             passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
         tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
         activation_checkpointing: recompute tower blocks in backward (memory for compute).
-        compile: ``true``/``"towers"``: ``torch.compile`` the three towers; ``"step"``: compile the whole loss
+        compile: ``true``/``"towers"``: ``torch.compile`` the three towers for training steps (evaluation runs
+            them eagerly: no recompiles, see ``_tower``); ``"step"``: compile the whole loss
             computation of a training step (towers, fusion, heads, losses: one graph for GC, ITM with
             in-batch or shuffled negatives, MMM, MIM and MLM; see ``VLMModule``).
         compile_options: ``torch.compile`` arguments for either scope, e.g. ``{mode: max-autotune-no-cudagraphs}``.
@@ -223,6 +224,7 @@ class FLAVA(VLMModule):
         if self.compile_scope == "towers":
             for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
                 tower.compile(**self.compile_options)  # in place: parameter names (and checkpoints) stay unchanged
+                # (training steps only: see ``_tower``)
         self.attach_objectives()
 
     # ============================================================== helpers
@@ -249,6 +251,28 @@ class FLAVA(VLMModule):
         if isinstance(batch.get("input_ids"), Tensor):
             self._check_vocab_once(batch["input_ids"])
         super().prepare_step(batch, cache, active)
+
+    def _compiled_towers_now(self) -> bool:
+        # grad mode and train mode checked again: encode_image/encode_text run outside compute_losses
+        return (self.compile_scope == "towers" and self._compile_this_step and self.training
+                and torch.is_grad_enabled())
+
+    def _tower(self, tower: nn.Module):
+        """How to call ``tower`` now: compiled in training steps, eager everywhere else (``compile: towers``).
+
+        Every distinct call signature of a compiled tower is one more compilation (grad mode, ``None`` or a
+        mask tensor, ``return_pre_norm``, new shapes each guard the graph): sanity validation, the unmasked and
+        masked passes, ``encode_text`` on zero-shot prompts and a partial last validation batch once compiled
+        the towers 16 times in a short fit (8 before the first optimizer step on an H200). So the compiled
+        towers serve training steps only (``VLMModule.compiles``: grad on, train mode, the stream's batch
+        size), always with one signature per tower (``_image_pass`` hands an all-False mask to unmasked
+        passes: ``torch.where`` keeps every embedding exactly; ``return_pre_norm`` always), and evaluation and
+        inference (validation, ``encode_image``/``encode_text``, prompts) run the same modules' uncompiled
+        ``_call_impl`` (what ``nn.Module.compile`` wraps): the same weights and results, nothing to compile.
+        """
+        if self.compile_scope == "towers" and not self._compiled_towers_now():
+            return tower._call_impl  # eager: nn.Module.compile compiles only __call__
+        return tower
 
     # ============================================================== masking
     def text_masking(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
@@ -296,7 +320,11 @@ class FLAVA(VLMModule):
         def compute():
             pixels = self._field(batch, "pixel_values", "the image encoder")
             mask = self.image_masking(batch, cache) if masked else None
-            out, pre = self.image_encoder(pixels, mask, return_pre_norm=True)
+            if mask is None and self._compiled_towers_now():  # one signature for the compiled tower (see _tower)
+                p = self.image_encoder.patch_size
+                mask = torch.zeros(pixels.shape[0], (pixels.shape[-2] // p) * (pixels.shape[-1] // p),
+                                   dtype=torch.bool, device=pixels.device)
+            out, pre = self._tower(self.image_encoder)(pixels, mask, return_pre_norm=True)
             return out, pre
 
         return cache.get_or(("image_pass", bool(masked)), compute)
@@ -305,8 +333,8 @@ class FLAVA(VLMModule):
         def compute():
             ids = self.text_masking(batch, cache)[0] if masked else self._field(batch, "input_ids", "the text encoder")
             self._check_vocab_once(ids)
-            out, pre = self.text_encoder(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
-                                         return_pre_norm=True)
+            out, pre = self._tower(self.text_encoder)(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
+                                                      return_pre_norm=True)
             return out, pre
 
         return cache.get_or(("text_pass", bool(masked)), compute)
@@ -346,7 +374,7 @@ class FLAVA(VLMModule):
         if text_attention_mask is not None:
             mask = torch.cat([text_attention_mask.new_ones(image_state.shape[:2]), text_attention_mask], dim=1)
         self._mm_image_tokens = int(image_state.shape[1])
-        return self.multimodal_encoder(tokens, mask)
+        return self._tower(self.multimodal_encoder)(tokens, mask)
 
     def _fusion_inputs(self, batch, cache, masked: bool) -> tuple[Tensor, Tensor]:
         """What FLAVA fuses: each tower's last layer before its final norm (``last_layer``) or its output."""
@@ -413,12 +441,12 @@ class FLAVA(VLMModule):
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """Contrastive image embeddings ``[B,E]`` (inference)."""
-        return self.image_embedding(self.image_encoder(pixel_values))
+        return self.image_embedding(self._tower(self.image_encoder)(pixel_values))
 
     @torch.no_grad()
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Contrastive text embeddings ``[B,E]`` (inference)."""
-        return self.text_embedding(self.text_encoder(input_ids, attention_mask))
+        return self.text_embedding(self._tower(self.text_encoder)(input_ids, attention_mask))
 
     # ============================================================== validation: zero-shot metrics
     def _get_tokenizer(self):
