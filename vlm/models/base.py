@@ -317,6 +317,9 @@ class VLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # What DDP will register: the strategy wraps the model right after this hook.
         self._ddp_signature = trainable_signature(self)
+        # Each parameter's weight-decay rule from its true shape: FSDP shards flatten parameters (and may leave
+        # a rank an empty one) before configure_optimizers runs.
+        self._decays = {name: self._decays_by_rule(name, p) for name, p in self.named_parameters()}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if static_ddp(self._trainer) is None:
@@ -388,17 +391,24 @@ class VLMModule(L.LightningModule):
     NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "cls_token", "pos_embed", "position_embedding",
                      "mask_token", "logit_scale", "logit_bias", "gate", "latents")
 
+    #: prefixes that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names
+    WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+    def _decays_by_rule(self, name: str, p: Tensor) -> bool:
+        lname = name.lower()
+        return not (p.ndim < 2 or any(k in lname for k in self.NO_DECAY_KEYS))
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: decay on weight matrices only; frozen parameters are left out."""
         decay, no_decay = [], []
+        known = getattr(self, "_decays", None) or {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            lname = name.lower()
-            if p.ndim < 2 or any(k in lname for k in self.NO_DECAY_KEYS):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            clean = name
+            for prefix in self.WRAPPER_PREFIXES:
+                clean = clean.replace(prefix, "")
+            (decay if known.get(clean, self._decays_by_rule(clean, p)) else no_decay).append(p)
         groups = []
         if decay:
             groups.append({"params": decay, "weight_decay": self.weight_decay})
