@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+import transformers
 
 from vlm.convert.hf_flava import flava_from_hf, map_hf_state
 from vlm.errors import VLMConfigError
 from vlm.objectives.base import StepCache
-
-transformers = pytest.importorskip("transformers")
 
 B, L, IMG, PATCH = 6, 12, 32, 8
 N = (IMG // PATCH) ** 2

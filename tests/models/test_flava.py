@@ -4,7 +4,9 @@ import importlib
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import transformers
 import yaml
 
 from vlm.encoders.text import build_text_encoder
@@ -144,7 +146,6 @@ def test_missing_batch_field_is_one_clear_error(tiny):
 
 
 def test_text_tower_from_minilm_matches_transformers():
-    transformers = pytest.importorskip("transformers")
     from vlm.hub import minilm_path
 
     path = minilm_path()
@@ -183,7 +184,6 @@ def test_vocab_mismatch_names_the_fix():
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_vit_from_local_timm_checkpoint_matches_timm(tmp_path, fmt):
-    timm = pytest.importorskip("timm")
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0).eval()
     if fmt == "safetensors":
         from safetensors.torch import save_file
