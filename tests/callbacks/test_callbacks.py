@@ -84,3 +84,62 @@ def test_gate_monitor_reports_tanh_of_gates():
     model = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}})
     values = GateMonitor(pattern="gate").gate_values(model)
     assert values == {"gate": pytest.approx(float(torch.tanh(torch.tensor(0.5))))}
+
+
+def _group_of(opt, p):
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def test_frozen_before_the_optimizer_and_unfrozen_into_the_group_parameter_groups_gives():
+    """Frozen at step 0: in no group and without AdamW state; unfrozen later: the group (weight decay, lr)
+    that parameter_groups() gives it when built unfrozen."""
+    reference = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}, "b": {"se": 1.0}}, lr=1e-2, weight_decay=0.1)
+    expected = {}
+    for g in reference.parameter_groups():
+        for p in g["params"]:
+            name = next(n for n, q in reference.named_parameters() if q is p)
+            expected[name] = g["weight_decay"]
+    assert {expected["encoder.0.weight"], expected["encoder.0.bias"], expected["encoder.1.weight"]} == {0.1, 0.0}
+
+    class Probe(L.Callback):
+        def __init__(self):
+            self.before = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                opt = trainer.optimizers[0]
+                enc = [p for n, p in pl_module.named_parameters() if n.startswith("encoder")]
+                self.before = (all(not any(q is p for g in opt.param_groups for q in g["params"]) for p in enc),
+                               all(p not in opt.state for p in enc))
+
+    model = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}, "b": {"se": 1.0}}, lr=1e-2, weight_decay=0.1)
+    probe = Probe()
+    trainer = run(model, [FreezeSchedule([FreezeStage(0, freeze=["encoder"]), FreezeStage(3, unfreeze=["encoder"])]),
+                          probe])
+    assert probe.before == (True, True)  # frozen: neither in a group nor with optimizer state
+    opt = trainer.optimizers[0]
+    lrs = {g["lr"] for g in opt.param_groups}
+    assert len(lrs) == 1  # every group follows the same schedule
+    for name, p in model.named_parameters():
+        if name.startswith("encoder"):
+            assert _group_of(opt, p)["weight_decay"] == expected[name], name
+            assert p in opt.state  # it trained after the switch
+
+
+def test_resume_after_an_unfreeze_restores_the_optimizer(tmp_path):
+    """A checkpoint written after the unfreeze resumes: the freeze stage of the checkpoint's step is applied
+    before the optimizer is built, so its groups match the saved optimizer state."""
+    def fit(steps, ckpt=None):
+        model = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}, "b": {"se": 1.0}}, lr=1e-2)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[FreezeSchedule([FreezeStage(0, freeze=["encoder"]),
+                                                       FreezeStage(2, unfreeze=["encoder"])])])
+        trainer.fit(model, DataLoader(toy_batches(steps), batch_size=None), ckpt_path=ckpt)
+        return trainer, model
+
+    trainer, _ = fit(4)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    trainer, model = fit(6, ckpt=str(tmp_path / "after.ckpt"))
+    assert trainer.global_step == 6
+    assert all(p.requires_grad for p in model.encoder.parameters())

@@ -103,7 +103,13 @@ def run_rank(out: Path) -> None:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         final = cli.model.state_dict()
         torch.save({k: v.detach().cpu() for k, v in final.items()}, out / f"{name}-rank{rank}.pt")
+        opt = cli.trainer.optimizers[0]
+        group_wd = {id(q): g["weight_decay"] for g in opt.param_groups for q in g["params"]}
+        wd = cli.model.weight_decay
         report[name] = {
+            # every trainable parameter (the ones unfrozen mid-run too) sits in the group parameter_groups() gives
+            "groups_ok": all(group_wd.get(id(q)) == (wd if cli.model.decays(n, q) else 0.0)
+                             for n, q in cli.model.named_parameters() if q.requires_grad),
             "walks": cli.model._graph_cover.walks,
             "global_step": cli.trainer.global_step,
             "changed": sorted({k.split(".")[0] for k, v in final.items() if not torch.equal(v, initial[k])}),
@@ -170,7 +176,7 @@ def test_tiny_flava_under_ddp(tmp_path, monkeypatch):
         differing = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differing, f"{name}: parameters differ across ranks: {differing[:5]}"
         rep = reports[0][name]
-        assert rep["global_step"] == 6
+        assert rep["global_step"] == 6 and rep["groups_ok"], name
         assert towers <= set(rep["changed"]), f"{name}: untrained parts {towers - set(rep['changed'])}"
         # one graph walk per (stream, trainable set), not per step: 3 streams; the staged run has 2 trainable sets
         assert rep["walks"] <= (6 if name == "staged" else 3), (name, rep["walks"])

@@ -41,10 +41,12 @@ def match_parameters(module: nn.Module, patterns: list[str]) -> dict[str, nn.Par
 class FreezeSchedule(Callback):
     """Freeze/unfreeze parts of the model by name pattern at given steps (e.g. unimodal first, then joint).
 
-    Frozen parameters get ``requires_grad=False`` (no gradient, so AdamW leaves them alone). A parameter
-    unfrozen later that the optimizer never saw (frozen when the model was built) is added as a new
-    param group. Modules whose parameters are all frozen are kept in eval mode (``eval_frozen``) so
-    dropout and norm statistics stay fixed, as for Flamingo's frozen towers.
+    The stage of the starting step is applied in ``setup`` (or, when resuming, at the checkpoint's step while
+    it is restored), before the optimizer and DDP see the parameters: frozen parameters get no gradient and
+    no optimizer state. A parameter unfrozen later joins the optimizer group that ``parameter_groups()`` gives
+    it (its weight decay by the model's rule, the group's learning rate and schedule), and under DDP the
+    model rebuilds its wrapper over the new trainable set. Modules whose parameters are all frozen are kept in
+    eval mode (``eval_frozen``) so dropout and norm statistics stay fixed, as for Flamingo's frozen towers.
     """
 
     def __init__(self, stages: list[FreezeStage], eval_frozen: bool = True) -> None:
@@ -78,12 +80,22 @@ class FreezeSchedule(Callback):
         opt = trainer.optimizers[0]
         known = {id(p) for g in opt.param_groups for p in g["params"]}
         new = [p for p in params if id(p) not in known]
-        if new:
+        if not new:
+            return
+        pl_module = trainer.lightning_module
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        decays = getattr(pl_module, "decays", None)
+        for p in new:
+            # the weight decay parameter_groups() gives it (decay on weight matrices only, by the model's rule)
+            wd = getattr(pl_module, "weight_decay", 0.0) if decays is None or decays(names[id(p)], p) else 0.0
+            group = next((g for g in opt.param_groups if g.get("weight_decay", 0.0) == wd), None)
+            if group is not None:
+                group["params"].append(p)  # same lr, schedule and betas as its peers; state starts empty
+                continue
             group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-            group["params"] = new
+            group.update(params=[p], weight_decay=wd)
             opt.add_param_group(group)
-            # LambdaLR keeps one base lr per group
-            for cfg in trainer.lr_scheduler_configs:
+            for cfg in trainer.lr_scheduler_configs:  # LambdaLR keeps one base lr per group
                 sched = cfg.scheduler
                 if hasattr(sched, "base_lrs") and len(sched.base_lrs) < len(opt.param_groups):
                     sched.base_lrs.append(group.get("initial_lr", group["lr"]))
@@ -102,6 +114,15 @@ class FreezeSchedule(Callback):
                 walk(child, frozen)
 
         walk(pl_module, False)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before configure_optimizers and the DDP wrapper: frozen parameters never enter either
+        if stage == "fit":
+            self.apply(trainer, pl_module, self._stage_index(trainer.global_step))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # restored before the optimizer is built: its groups then match the checkpoint's optimizer state
+        self.apply(trainer, pl_module, self._stage_index(int(checkpoint.get("global_step", 0))))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(trainer, pl_module, self._stage_index(trainer.global_step))

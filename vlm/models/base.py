@@ -398,17 +398,20 @@ class VLMModule(L.LightningModule):
         lname = name.lower()
         return not (p.ndim < 2 or any(k in lname for k in self.NO_DECAY_KEYS))
 
+    def decays(self, name: str, p: Tensor) -> bool:
+        """Whether AdamW decays parameter ``name`` (the rule of ``parameter_groups``, wrapper prefixes ignored)."""
+        clean = name
+        for prefix in self.WRAPPER_PREFIXES:
+            clean = clean.replace(prefix, "")
+        known = getattr(self, "_decays", None) or {}
+        return known.get(clean, self._decays_by_rule(clean, p))
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: decay on weight matrices only; frozen parameters are left out."""
         decay, no_decay = [], []
-        known = getattr(self, "_decays", None) or {}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            clean = name
-            for prefix in self.WRAPPER_PREFIXES:
-                clean = clean.replace(prefix, "")
-            (decay if known.get(clean, self._decays_by_rule(clean, p)) else no_decay).append(p)
+            if p.requires_grad:
+                (decay if self.decays(name, p) else no_decay).append(p)
         groups = []
         if decay:
             groups.append({"params": decay, "weight_decay": self.weight_decay})
