@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     zs = embed_pairs(model, SyntheticPairs(split="test", num=args.zero_shot_images,
                                            image_size=transform.image.image_size), transform)
     single = int((zs.class_index >= 0).sum())
+    acc = float("nan")
     if single >= 5:
         acc = zero_shot(model, zs, CLASS_NAMES, zero_shot_templates(), encode_prompts)
         print(f"  zero-shot shape classification of the {single} single-object images "
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     target = 0.3
     ok = rec["t2i_R@1"] >= target
     print(f"\n{'PASS' if ok else 'BELOW TARGET'}: text->image R@1 {rec['t2i_R@1']:.2f} (target >= {target}, chance {1 / n:.2f})")
+    losses = {k[len("train/"):-len("/loss")]: v for k, v in history.first_last().items()
+              if k.endswith("/loss") and k.count("/") == 3}
+    # one machine-readable line: what the model learned, for scripts comparing seeds and machines
+    print(f"RESULT flava-tiny steps={trainer.global_step} t2i_r1={rec['t2i_R@1']:.3f} i2t_r1={rec['i2t_R@1']:.3f} "
+          f"zeroshot_top1={acc:.3f} zeroshot_chance={1 / len(CLASS_NAMES):.3f} retrieval_chance={1 / n:.3f} "
+          + " ".join(f"{k}={first:.3f}->{last:.3f}" for k, (first, last) in sorted(losses.items())))
     return 0
 
 
