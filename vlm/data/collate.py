@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +14,38 @@ from vlm.data.fields import PAD_VALUES
 
 SKIPPED_KEY = "_skipped"  # a sample may carry how many corrupt samples were skipped just before it
 PAD_ID_KEY = "_pad_token_id"  # a sample may carry its tokenizer's pad id (used to pad input_ids)
+SKIP_LOG_LIMIT = 10  # skipped samples described in the log per stream and process (DataLoader worker)
+
+log = logging.getLogger("vlm.data")
+_skip_logged: dict[tuple[str, int], int] = {}
+
+
+class CorruptSample(ValueError):
+    """A sample that cannot be used (undecodable, truncated, a missing or malformed field): skipped and counted.
+
+    ``missing_field`` names a field the sample does not have at all; when the first samples of a stream all lack
+    the same field, the field name is more likely wrong than the data (see ``vlm.data.stream.StreamCollate``).
+    """
+
+    def __init__(self, reason: str, key: Any = None, source: Any = None, missing_field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.key, self.source, self.missing_field = reason, key, source, missing_field
+
+
+def report_skip(stream: str | None, key: Any, source: Any, reason: Any) -> None:
+    """Log a skipped sample (key, shard or file, reason): the first ``SKIP_LOG_LIMIT`` per stream and process."""
+    slot = (str(stream), os.getpid())  # the pid makes every forked DataLoader worker start its own budget
+    n = _skip_logged.get(slot, 0)
+    if n > SKIP_LOG_LIMIT:
+        return
+    _skip_logged[slot] = n + 1
+    where = f"stream '{stream}': " if stream else ""
+    if n == SKIP_LOG_LIMIT:
+        log.warning("%sfurther skipped samples in this process are counted (data/<stream>/skipped), not logged",
+                    where)
+        return
+    log.warning("%sskipping sample %s in %s: %s", where, key if key is not None else "?",
+                source if source is not None else "?", reason)
 
 
 def _pad_stack(values: Sequence[Tensor], pad: float | int | bool) -> Tensor:

@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Sampler
 
 from vlm.data.schedule import Schedule, make_schedule
-from vlm.data.stream import Stream, StreamCollate, StreamReader, derive_seed
+from vlm.data.stream import Stream, StreamCollate, StreamReader, derive_seed, name_stream
 from vlm.errors import VLMConfigError
 
 STATE_VERSION = 1
@@ -195,6 +195,7 @@ class EvalLoader:
         self.name, self.stream = name, stream
         self.rank, self.world_size = rank, world_size
         ds = stream.dataset
+        name_stream(ds, name)
         common = dict(num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=StreamCollate(name, stream.transform, stream.collate),
                       generator=torch.Generator().manual_seed(derive_seed("eval", seed, name, rank)))
@@ -363,6 +364,7 @@ class MultiStreamDataModule(L.LightningDataModule):
         out: dict[str, set[str]] = {}
         for name, stream in self.streams.items():
             fn = StreamCollate(name, stream.transform, stream.collate)
+            name_stream(stream.dataset, name)
             if stream.is_iterable:
                 samples = itertools.islice(iter(stream.dataset), max_tries)
             else:

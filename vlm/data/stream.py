@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from vlm.data.collate import SKIPPED_KEY, CorruptSample, report_skip
 from vlm.data.collate import collate as default_collate
 from vlm.errors import VLMConfigError
 
@@ -94,17 +95,63 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+#: when the first this-many samples a worker transforms all lack the same field, the field name is wrong
+CONFIG_CHECK_SAMPLES = 16
+
+
+def name_stream(dataset: Any, name: str) -> None:
+    """Tell a reader which stream reads it (its skip warnings name the stream), if it has ``stream_name``."""
+    if hasattr(dataset, "stream_name"):
+        dataset.stream_name = name
+
+
 class StreamCollate:
-    """Per-batch function run in the workers: transform each sample, check it is a dict, then collate."""
+    """Per-batch function run in the workers: transform each sample, check it is a dict, then collate.
+
+    A sample the transform rejects with :class:`~vlm.data.collate.CorruptSample` becomes ``None`` (skipped,
+    counted, the first few logged). If the first ``CONFIG_CHECK_SAMPLES`` samples this copy (one per worker)
+    transforms all lack the same field, that is one configuration error naming the field, not a skip.
+    """
 
     def __init__(self, name: str, transform: Callable[[Any], Any] | None, collate: Callable[..., dict[str, Any]]):
         self.name, self.transform, self.collate = name, transform, collate
+        self._missing: dict[str, int] | None = {}  # field -> count while no sample got past it; None: checked
+
+    def _transform(self, sample: Any) -> Any:
+        try:
+            out = self.transform(sample)  # type: ignore[misc]
+        except CorruptSample as err:
+            key = err.key if err.key is not None else sample.get("key") if isinstance(sample, dict) else None
+            source = err.source if err.source is not None else sample.get("__url__") if isinstance(sample, dict) else None
+            report_skip(self.name, key, source, err.reason)
+            self._note(err.missing_field, sample)
+            return None
+        self._note(None, sample)
+        return out
+
+    def _note(self, missing: str | None, sample: Any) -> None:
+        if self._missing is None:
+            return
+        if missing is None:
+            self._missing = None  # a sample got past the field lookups: from here on every problem is a skip
+            return
+        self._missing[missing] = n = self._missing.get(missing, 0) + 1
+        if n >= CONFIG_CHECK_SAMPLES:
+            fields = sorted(k for k in sample if not str(k).startswith("_")) if isinstance(sample, dict) else []
+            raise VLMConfigError(
+                f"Stream '{self.name}': none of its first {n} samples has the field {missing!r} that its transform "
+                f"reads (a sample has {fields}). Point the transform at a field the data has (e.g. its text_field) "
+                "or fix the data."
+            )
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
         out = []
+        carried = 0  # skips counted on samples that the transform then rejected
         for s in samples:
             if s is not None and self.transform is not None:
-                s = self.transform(s)
+                before = s.get(SKIPPED_KEY, 0) if isinstance(s, dict) else 0
+                s = self._transform(s)
+                carried += int(before) if s is None else 0
             if s is not None and not isinstance(s, dict):
                 raise VLMConfigError(
                     f"Stream '{self.name}': a sample is a {type(s).__name__}, but samples must be dicts of batch "
@@ -117,6 +164,8 @@ class StreamCollate:
             raise VLMConfigError(
                 f"Stream '{self.name}': collate returned a {type(batch).__name__}; it must return a dict batch."
             )
+        if carried:
+            batch["num_skipped"] = int(batch.get("num_skipped", 0)) + carried
         return batch
 
 
@@ -186,6 +235,9 @@ class StreamReader:
         # so those are reopened every epoch; map-style sampling happens in the main process and can persist.
         self.persistent_workers = persistent_workers and num_workers > 0 and not stream.is_iterable
         self.epoch, self.offset = epoch, offset
+        #: loader batches in a row without a usable sample after which an iterable stream counts as yielding
+        #: nothing (a map-style stream is judged by its whole epoch)
+        self.max_empty_batches = max(100, -(-10_000 // batch_size))
         self._iter: Iterator[dict[str, Any]] | None = None
         self._loader: DataLoader | None = None
         self._sampler: RankSampler | None = None
@@ -223,6 +275,7 @@ class StreamReader:
 
     def _open(self) -> None:
         ds = self.stream.dataset
+        name_stream(ds, self.name)
         collate_fn = StreamCollate(self.name, self.stream.transform, self.stream.collate)
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_fn,
                       drop_last=self.stream.drop_last, pin_memory=self.pin_memory)
@@ -250,17 +303,28 @@ class StreamReader:
         self._loader.generator = self._generator()
         self._iter = iter(self._loader)
 
+    def _next(self) -> dict[str, Any]:
+        assert self._iter is not None
+        try:
+            return next(self._iter)
+        except VLMConfigError as err:
+            # a worker's error arrives re-raised with its traceback as the message: keep the message alone
+            msg = str(err)
+            if "Traceback" in msg and "VLMConfigError: " in msg:
+                raise VLMConfigError(msg.rsplit("VLMConfigError: ", 1)[1].strip()) from err
+            raise
+
     def next_batch(self) -> dict[str, Any]:
         """The next batch with at least one sample; starts a new epoch of the stream when this one ends."""
         skipped = 0
+        empty_in_a_row = 0
         read_this_epoch = self.offset
         survivors_this_epoch = self.offset > 0  # unknown before a resume point: assume the epoch had data
         while True:
             if self._iter is None:
                 self._open()
-            assert self._iter is not None
             try:
-                batch = next(self._iter)
+                batch = self._next()
             except StopIteration:
                 if read_this_epoch == 0:
                     raise VLMConfigError(
@@ -272,7 +336,8 @@ class StreamReader:
                 if not survivors_this_epoch:
                     raise VLMConfigError(
                         f"Stream '{self.name}': every sample of a whole epoch was skipped (None) on rank "
-                        f"{self.rank}. Check the dataset and the stream's transform."
+                        f"{self.rank}. Check the dataset and the stream's transform; the 'skipping sample' "
+                        "warnings above say why samples were skipped."
                     ) from None
                 self.epoch, self.offset = self.epoch + 1, 0
                 read_this_epoch, survivors_this_epoch = 0, False
@@ -282,7 +347,16 @@ class StreamReader:
             read_this_epoch += 1
             skipped += int(batch.get("num_skipped", 0))
             if set(batch) <= {"num_skipped"}:
-                continue  # every sample was skipped: carry the count into the next batch of this stream
+                # every sample was skipped: carry the count into the next batch of this stream. An endless
+                # stream never ends an epoch, so a run of empty batches is where it shows it yields nothing.
+                empty_in_a_row += 1
+                if self.stream.is_iterable and empty_in_a_row >= self.max_empty_batches:
+                    raise VLMConfigError(
+                        f"Stream '{self.name}': {empty_in_a_row} batches in a row ({skipped} samples) were all "
+                        f"skipped on rank {self.rank}, so it yields no usable sample. Check the dataset and the "
+                        "stream's transform; the 'skipping sample' warnings above say why samples were skipped."
+                    )
+                continue
             survivors_this_epoch = True
             batch["num_skipped"] = skipped
             return batch

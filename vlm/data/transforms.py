@@ -3,12 +3,16 @@
 Every transform is a plain class with simple init args (YAML-friendly through LightningCLI
 ``class_path``/``init_args``); a tokenizer is named by its source string and loaded lazily, once per process,
 so transforms pickle cheaply into DataLoader workers. ``None`` in gives ``None`` out (a skipped sample), and
-the reader's ``_skipped`` count rides along to ``collate``.
+the reader's ``_skipped`` count rides along to ``collate``. A sample the transform cannot use (a missing,
+empty or wrongly typed field, an image that is not an image) raises
+:class:`~vlm.data.collate.CorruptSample`, which the stream turns into a skipped, counted, logged sample.
+Over-long text is cut to ``max_length`` tokens, never skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vlm.data.collate import PAD_ID_KEY, SKIPPED_KEY
+from vlm.data.collate import PAD_ID_KEY, SKIPPED_KEY, CorruptSample
 from vlm.data.tokenizers import END_OF_CHUNK, IMAGE_TOKEN, LOC_TOKENS_ALIAS, load_tokenizer
 from vlm.errors import VLMConfigError
 
@@ -25,6 +29,33 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LANG_NAMES = {"en": "EN", "fr": "FR", "de": "DE", "es": "ES"}
 PALI_TASKS = ("caption", "vqa", "vqg", "ocr", "detection")
+
+
+def skips_bad_samples(call: Callable) -> Callable:
+    """Make a transform's ``__call__`` raise ``CorruptSample`` (key and shard attached) for a malformed sample.
+
+    Errors a sample's content can cause (a missing key, a wrong type) become ``CorruptSample``; a
+    ``VLMConfigError`` (the transform itself is misconfigured) passes through unchanged.
+    """
+
+    @functools.wraps(call)
+    def wrapper(self, sample):
+        try:
+            return call(self, sample)
+        except VLMConfigError:
+            raise
+        except CorruptSample as err:
+            if err.key is None and isinstance(sample, dict):
+                err.key, err.source = sample.get("key"), err.source or sample.get("__url__")
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            missing = err.args[0] if isinstance(err, KeyError) and isinstance(sample, dict) and err.args else None
+            reason = f"no field {missing!r}" if missing is not None else f"{type(err).__name__}: {err}"
+            raise CorruptSample(reason, sample.get("key") if isinstance(sample, dict) else None,
+                                sample.get("__url__") if isinstance(sample, dict) else None,
+                                missing_field=missing if isinstance(missing, str) else None) from err
+
+    return wrapper
 
 
 class ImageTransform:
@@ -53,13 +84,18 @@ class ImageTransform:
     def __call__(self, image: Image.Image | np.ndarray | None) -> Tensor | None:
         if image is None:
             return None
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        if not isinstance(image, Image.Image):
-            raise VLMConfigError(
-                f"ImageTransform expects a PIL image or uint8 HWC array, got {type(image).__name__}"
-            )
-        image = image.convert("RGB")
+        try:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            if not isinstance(image, Image.Image):
+                raise CorruptSample(f"the image is a {type(image).__name__}, not a PIL image or uint8 HWC array")
+            if min(image.size) < 1:
+                raise CorruptSample(f"the image is empty ({image.size[0]}x{image.size[1]})")
+            image = image.convert("RGB")
+        except (TypeError, ValueError, OSError) as err:  # an array of the wrong shape or dtype, an odd mode
+            if isinstance(err, CorruptSample):
+                raise
+            raise CorruptSample(f"unusable image ({type(err).__name__}: {err})") from err
         if self.train and self.random_resized_crop:
             from torchvision.transforms import v2
 
@@ -118,15 +154,23 @@ def _pick_text(sample: dict[str, Any], lang: str, field: str) -> str:
     caps = sample.get("captions")
     if lang == "all" and isinstance(caps, dict) and caps:
         keys = sorted(caps)
-        return caps[keys[int(torch.randint(len(keys), ()))]]
-    if isinstance(caps, dict) and lang in caps:
+        text = caps[keys[int(torch.randint(len(keys), ()))]]
+        if not isinstance(text, str) or not text.strip():
+            raise CorruptSample(f"caption {text!r} is not text")
+        return text
+    if isinstance(caps, dict) and isinstance(caps.get(lang), str) and caps[lang].strip():
         return caps[lang]
-    for key in (field, "caption", "text"):
-        if isinstance(sample.get(key), str):
-            return sample[key]
-    raise VLMConfigError(
-        f"sample {sample.get('key', '?')} has no text field {field!r} (nor 'caption'/'text')"
-    )
+    keys = (field, "caption", "text")
+    for key in keys:
+        value = sample.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    present = [(k, sample[k]) for k in dict.fromkeys(keys) if k in sample]
+    if not present:
+        fields = sorted(k for k in sample if not k.startswith("_"))
+        raise CorruptSample(f"no text field {field!r} (nor 'caption'/'text'); it has {fields}", missing_field=field)
+    k, v = present[0]
+    raise CorruptSample(f"text field {k!r} is {'empty' if isinstance(v, str) else f'a {type(v).__name__}'}")
 
 
 def _ids_fields(sample: dict[str, Any], out: dict[str, Any]) -> None:
@@ -155,6 +199,7 @@ class ImageTextTransform(_Tokenized):
         self.max_length, self.lang, self.text_field = int(max_length), lang, text_field
         self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
 
+    @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
@@ -180,14 +225,13 @@ class TextTransform(_Tokenized):
         super().__init__(tokenizer, special_tokens)
         self.max_length, self.text_field, self.lang = int(max_length), text_field, lang
 
+    @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
-        text = (
-            sample[self.text_field]
-            if isinstance(sample.get(self.text_field), str)
-            else _pick_text(sample, self.lang, self.text_field)
-        )
+        text = sample.get(self.text_field)
+        if not (isinstance(text, str) and text.strip()):
+            text = _pick_text(sample, self.lang, self.text_field)
         ids, mask = self._encode(text, self.max_length)
         return self._finish(sample, {"input_ids": ids, "attention_mask": mask, "text": text})
 
@@ -201,6 +245,7 @@ class ImageOnlyTransform:
     ) -> None:  # fmt: skip
         self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
 
+    @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
@@ -275,6 +320,7 @@ class InterleavedTransform(_Tokenized):
                 labels += [-100] * len(text_ids)
         return ids, labels, images
 
+    @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
@@ -368,9 +414,7 @@ class PrefixLMTransform(_Tokenized):
             else:
                 pool = [x for x in sample.get("vqa", []) if x.get("lang") == lang]
                 if not pool:
-                    raise VLMConfigError(
-                        f"sample {sample.get('key', '?')} has no question/answer in {lang!r} for task {task!r}"
-                    )
+                    raise CorruptSample(f"no question/answer in {lang!r} for task {task!r}", missing_field="question")
                 qa = pool[self._choice(len(pool))]
                 q, a = qa["question"], qa["answer"]
             if task == "vqa":
@@ -388,6 +432,7 @@ class PrefixLMTransform(_Tokenized):
         ids = tok(text, add_special_tokens=False)["input_ids"][: limit - (end is not None)]
         return ids + ([end] if end is not None else [])  # an end token tells the decoder where to stop
 
+    @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None

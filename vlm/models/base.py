@@ -115,7 +115,9 @@ class VLMModule(L.LightningModule):
         self._compiled_sizes: dict[Any, int] = {}  # batch size each stream's training steps compile for
         self._compile_this_step = False
         self.step_rng: torch.Generator | None = None
-        self.skipped_samples: dict[str, int] = {}
+        self.skipped_samples: dict[str, int] = {}  # skipped on this rank since this process started training
+        self._skipped_resumed: dict[str, int] = {}  # all ranks' total saved in the checkpoint this run resumed
+        self._skipped_logged: dict[str, int] = {}  # the last total over ranks (what data/<stream>/skipped shows)
         self._graph_cover = GraphCover()  # DDP with per-stream objectives (vlm.parallel)
         self._ddp_signature: tuple[int, ...] | None = None
         self._eval_sums: dict[str, tuple[Tensor, float]] = {}  # evaluation: key -> (sum of value*rows, rows)
@@ -290,7 +292,32 @@ class VLMModule(L.LightningModule):
             return
         stream = str(batch.get("stream"))
         self.skipped_samples[stream] = self.skipped_samples.get(stream, 0) + int(n)
-        self.log(f"data/{stream}/skipped", float(self.skipped_samples[stream]), on_step=True, batch_size=1)
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        index = batch.get("batch_index")
+        # every rank trains on the same schedule position at once, so a sum at fixed positions cannot deadlock
+        if world == 1 or (index is not None and int(index) % every == 0):
+            self._skipped_logged = self.skipped_totals()
+        if stream in self._skipped_logged:
+            self.log(f"data/{stream}/skipped", float(self._skipped_logged[stream]), on_step=True, batch_size=1)
+
+    def skipped_totals(self) -> dict[str, int]:
+        """Skipped samples per stream over all ranks and workers, resumed runs included (a collective under DDP)."""
+        names = sorted(set(self.skipped_samples) | set(self._skipped_resumed))
+        counts = torch.tensor([self.skipped_samples.get(n, 0) for n in names], dtype=torch.long, device=self.device)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and names:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return {n: self._skipped_resumed.get(n, 0) + int(c) for n, c in zip(names, counts.tolist())}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpointing runs on every rank (the DataModule's state gathers too), so the sum is safe here
+        checkpoint["vlm_skipped_samples"] = self.skipped_totals()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._skipped_resumed = {str(k): int(v) for k, v in checkpoint.get("vlm_skipped_samples", {}).items()}
+        self._skipped_logged, self.skipped_samples = dict(self._skipped_resumed), {}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int = 0) -> Tensor | None:
         self._count_skipped(batch)
