@@ -1,10 +1,11 @@
-"""Lightning callbacks: freezing schedules, objective-weight schedules, gate monitoring, throughput."""
+"""Lightning callbacks: freezing schedules, objective-weight schedules, gate monitoring, throughput, preemption."""
 
+from vlm.callbacks.checkpoint import AtomicCheckpointIO, PreemptionCheckpoint
 from vlm.callbacks.freeze import FreezeSchedule, FreezeStage
 from vlm.callbacks.gates import GateMonitor
 from vlm.callbacks.history import MetricHistory
 from vlm.callbacks.objective_schedule import ObjectiveWeightSchedule, WeightStage
 from vlm.callbacks.throughput import Throughput
 
-__all__ = ["FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule", "Throughput",
-           "WeightStage"]
+__all__ = ["AtomicCheckpointIO", "FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule",
+           "PreemptionCheckpoint", "Throughput", "WeightStage"]
