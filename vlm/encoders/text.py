@@ -142,6 +142,7 @@ class FlavaTextEncoder(nn.Module):
 
     hidden_size = property(lambda self: self.cfg.hidden)
     vocab_size = property(lambda self: self.cfg.vocab_size)
+    max_positions = property(lambda self: self.cfg.max_positions)  #: longest text the position table covers
     layer_norm_eps = property(lambda self: self.cfg.layer_norm_eps)
     hidden_act = "gelu"
 
@@ -169,6 +170,8 @@ class HFTextEncoder(nn.Module):
 
     hidden_size = property(lambda self: int(self.config.hidden_size))
     vocab_size = property(lambda self: int(self.model.get_input_embeddings().num_embeddings))
+    #: longest text the position table covers (None: the model has no absolute position table)
+    max_positions = property(lambda self: getattr(self.config, "max_position_embeddings", None))
     layer_norm_eps = property(lambda self: float(getattr(self.config, "layer_norm_eps", 1e-12)))
     hidden_act = property(lambda self: str(getattr(self.config, "hidden_act", "gelu")))
 

@@ -64,7 +64,34 @@ def _dataclass_from(cls, cfg: Any, what: str):
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise VLMConfigError(f"Unknown key(s) {unknown} in the {what} tower config; known keys: {sorted(known)}.")
-    return cls(**cfg)
+    return cls(**coerce_numbers(cfg, {f.name: f.type for f in fields(cls)}, what))
+
+
+_NUMBER_TYPES = {"int": int, "float": float, "bool": bool, int: int, float: float, bool: bool}
+
+
+def coerce_numbers(cfg: dict, types: dict[str, Any], what: str) -> dict:
+    """``cfg`` with int/float/bool fields given as strings (``--model.init_args.vision.image_size=96`` reaches an
+    untyped dict as ``'96'``) converted; a value that is not such a number is one clear error naming the key."""
+    import yaml
+
+    out = dict(cfg)
+    for key, value in cfg.items():
+        want = _NUMBER_TYPES.get(types.get(key))
+        if want is None or value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (want is float or float(value).is_integer()))
+        if not ok:
+            raise VLMConfigError(f"{what}.{key}={cfg[key]!r}: expected {'an integer' if want is int else want.__name__}.")
+        out[key] = want(value)
+    return out
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from vlm.errors import VLMConfigError
@@ -35,6 +36,19 @@ COMPILE_SCOPES = ("none", "towers", "step")
 COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options")
 #: compile modes that replay CUDA graphs (outputs are overwritten by the next replay).
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class NonFiniteLossError(VLMConfigError):
+    """The loss was NaN or infinite on more optimizer steps in a row than ``max_nonfinite_steps`` allows."""
+
+
+def check_weight(stream: str, objective: str, weight: Any) -> None:
+    """One clear error for an objective weight that is negative, NaN or infinite."""
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise VLMConfigError(
+            f"streams.{stream}.{objective}={weight}: objective weights must be finite and >= 0 (0 turns "
+            f"'{objective}' off for stream '{stream}')."
+        )
 
 
 def fused_adamw_devices() -> set[str]:
@@ -80,6 +94,10 @@ class VLMModule(L.LightningModule):
             compiled step sees the batch's tensors and its ``stream``; validation runs eagerly.
         compile_options: ``torch.compile`` arguments (``mode``, ``fullgraph``, ``dynamic``, ``backend``,
             ``options``), e.g. ``{mode: reduce-overhead}`` for CUDA graphs.
+        max_nonfinite_steps: optimizer steps in a row that may be skipped for a NaN/inf loss (each one is
+            reported with its stream, objective and step; parameters and optimizer state stay untouched); one
+            more stops the run with :class:`NonFiniteLossError`. ``null`` turns the guard off (no check, no
+            device-to-host sync per step).
     """
 
     def __init__(
@@ -95,6 +113,7 @@ class VLMModule(L.LightningModule):
         seed: int = 0,
         compile: bool | str = False,
         compile_options: Mapping[str, Any] | None = None,
+        max_nonfinite_steps: int | None = 3,
     ) -> None:
         super().__init__()
         self.objectives = nn.ModuleDict(dict(objectives or {}))
@@ -122,12 +141,22 @@ class VLMModule(L.LightningModule):
         self._ddp_signature: tuple[int, ...] | None = None
         self._eval_sums: dict[str, tuple[Tensor, float]] = {}  # evaluation: key -> (sum of value*rows, rows)
         for stream, ws in self.stream_weights.items():
-            for key in ws:
+            for key, weight in ws.items():
                 if key not in self.objectives:
                     raise VLMConfigError(
-                        f"Stream '{stream}' names objective '{key}', but the model's objectives are "
-                        f"{sorted(self.objectives)}. Add it under `objectives:` or fix the name under `streams:`."
+                        f"Stream '{stream}' names objective '{key}' (streams.{stream}.{key}), but the model's "
+                        f"objectives are {sorted(self.objectives)}. Add it under `objectives:` or fix the name "
+                        "under `streams:`."
                     )
+                check_weight(stream, key, weight)
+        if max_nonfinite_steps is not None and (isinstance(max_nonfinite_steps, bool) or int(max_nonfinite_steps) < 0):
+            raise VLMConfigError(
+                f"max_nonfinite_steps={max_nonfinite_steps!r}: use 0 or more (skipped steps in a row before the run "
+                "stops), or null to turn the NaN/inf-loss guard off."
+            )
+        self.max_nonfinite_steps = None if max_nonfinite_steps is None else int(max_nonfinite_steps)
+        self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a NaN/inf loss
+        self._step_losses: list[tuple[str, int, Tensor, dict[str, Tensor]]] = []  # since the last optimizer step
 
     # ------------------------------------------------------------------ set-up
     def attach_objectives(self) -> None:
@@ -155,6 +184,7 @@ class VLMModule(L.LightningModule):
         """Change one weight at run time (used by staged schedules)."""
         if objective not in self.objectives:
             raise VLMConfigError(f"Unknown objective '{objective}'; known: {sorted(self.objectives)}.")
+        check_weight(stream, objective, weight)
         self.stream_weights.setdefault(stream, {})[objective] = float(weight)
 
     def check_data(self, stream_fields: Mapping[str, set[str]]) -> None:
@@ -169,10 +199,25 @@ class VLMModule(L.LightningModule):
             for key in self.stream_weights[stream]:
                 self.objectives[key].check_batch(fields, stream, key)
 
+    def check_inputs(self, streams: Mapping[str, Any]) -> None:
+        """Before training: model-specific checks of the data streams (``{"streams.pairs": Stream, ...}``)."""
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if callable(getattr(datamodule, "stream_fields", None)):
             self.check_data(datamodule.stream_fields())
+        groups = {g: getattr(datamodule, g, None) for g in ("streams", "val_streams", "test_streams")}
+        if isinstance(groups["streams"], Mapping):
+            self.check_inputs({f"{g}.{n}": s for g, ss in groups.items() if isinstance(ss, Mapping) for n, s in ss.items()})
+            evaluated = set(groups["val_streams"] or ()) | set(groups["test_streams"] or ())
+            for stream, ws in self.stream_weights.items():
+                training = sorted(k for k, w in ws.items() if w != 0.0)
+                if training and stream not in groups["streams"] and stream not in evaluated:
+                    rank_zero_warn(
+                        f"The model's stream '{stream}' (objectives {training}) has no data stream (data streams: "
+                        f"{sorted(groups['streams'])}): its objectives never run. Add a '{stream}' data stream, or "
+                        f"drop it from the model (`--model.init_args.streams.{stream}=null`)."
+                    )
 
     def step_generator(self, batch: Mapping[str, Any]) -> torch.Generator:
         """CPU generator seeded by (seed, position of the batch in the schedule, rank): resumable and rank-distinct."""
@@ -331,6 +376,9 @@ class VLMModule(L.LightningModule):
             key = (batch.get("stream"), (), tuple(id(p) for p in trainable))
             return self._graph_cover.cover(torch.zeros((), device=self.device), key, trainable)
         loss, logs = self.compute_losses(batch)
+        if self.max_nonfinite_steps is not None and self._trainer is not None:  # checked in optimizer_step
+            self._step_losses.append((str(batch.get("stream")), self.global_step if self._trainer else 0,
+                                      loss.detach(), logs))
         bs = self.batch_size_of(batch)
         self._log_dict("train", logs, bs, on_step=True)
         self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
@@ -356,6 +404,68 @@ class VLMModule(L.LightningModule):
             # A FreezeSchedule changed what trains: DDP registers only parameters that require gradients.
             rewrap_ddp(self.trainer.strategy)
         self._ddp_signature = now
+
+    # ------------------------------------------------------------------ NaN/inf-loss guard
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, skipped when this step's loss (any micro-batch, any rank) is NaN or infinite."""
+        if self.max_nonfinite_steps is None or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def guarded_closure():
+            out = optimizer_closure()  # forward + backward of the last micro-batch
+            if self._nonfinite_step():
+                self._drop_gradients(optimizer)
+            return out
+
+        return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+
+    def _nonfinite_step(self) -> bool:
+        """Whether a loss since the last optimizer step was NaN/inf on any rank; reports it, stops past the limit."""
+        losses, self._step_losses = self._step_losses, []
+        if not losses:
+            return False
+        # One device-to-host sync per optimizer step, after the backward pass has been queued.
+        bad = (~torch.isfinite(torch.stack([loss.float() for _, _, loss, _ in losses]))).any().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
+        if not bool(bad):
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        where = [
+            f"stream '{stream}', objective '{key.split('/')[1]}' (loss {float(v)})"
+            for stream, _, _, logs in losses for key, v in logs.items()
+            if key.endswith("/loss") and key.count("/") == 2 and not math.isfinite(float(v))
+        ] or [f"stream '{stream}' (loss {float(loss)})" for stream, _, loss, _ in losses
+              if not math.isfinite(float(loss))] or ["another rank"]
+        step = losses[-1][1]
+        limit = self.max_nonfinite_steps
+        if self.nonfinite_in_a_row > limit:
+            raise NonFiniteLossError(
+                f"Non-finite loss at step {step}: {'; '.join(where)}. That is {self.nonfinite_in_a_row} steps in a "
+                f"row with a NaN/inf loss (max_nonfinite_steps={limit}), so the run stops. Lower the learning "
+                "rate, check the stream's data, or raise model.init_args.max_nonfinite_steps."
+            )
+        rank_zero_warn(
+            f"Non-finite loss at step {step}: {'; '.join(where)}. Optimizer step skipped (parameters and optimizer "
+            f"state unchanged); {self.nonfinite_in_a_row} in a row of max_nonfinite_steps={limit}."
+        )
+        self.log("train/nonfinite_skipped", float(self.nonfinite_in_a_row), on_step=True, batch_size=1)
+        return True
+
+    def _drop_gradients(self, optimizer) -> None:
+        """Make the coming ``optimizer.step`` change nothing: no gradients (AdamW skips parameters without one).
+
+        Under a loss scaler (16-mixed) one gradient is set to NaN instead: the scaler skips the step itself
+        (and lowers its scale), as it does for any overflow; a step without gradients would trip its check.
+        """
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if scaler is not None and params:
+            params[0].grad.view(-1)[:1] = float("nan")
+            return
+        for p in params:
+            p.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if static_ddp(self._trainer) is not None:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from vlm.checkpoint import keep_plain_hparams
 from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_text_encoder, check_vocab
-from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, patchify
+from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, coerce_numbers, patchify
 from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
 from vlm.objectives.base import Objective, StepCache, generator_of
@@ -109,7 +109,8 @@ class FLAVA(VLMModule):
         zeroshot_class_names: class names for zero-shot classification in validation.
         zeroshot_templates: prompt templates with ``{}`` for the class name.
         tokenizer: hub name or local dir of the tokenizer used to encode zero-shot prompts.
-        lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio, seed: see ``VLMModule``.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio, seed, max_nonfinite_steps: see
+            ``VLMModule``.
     """
 
     def __init__(
@@ -145,12 +146,14 @@ class FLAVA(VLMModule):
         lr_schedule: str = "cosine",
         min_lr_ratio: float = 0.0,
         seed: int = 0,
+        max_nonfinite_steps: int | None = 3,
     ) -> None:
         super().__init__(
             objectives=default_objectives() if objectives is None else objectives,
             streams=DEFAULT_STREAMS if streams is None else streams,
             lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
             min_lr_ratio=min_lr_ratio, seed=seed, compile=compile, compile_options=compile_options,
+            max_nonfinite_steps=max_nonfinite_steps,
         )
         if fusion_input not in FUSION_INPUTS:
             raise VLMConfigError(f"fusion_input={fusion_input!r}: use one of {FUSION_INPUTS}.")
@@ -169,7 +172,8 @@ class FLAVA(VLMModule):
         unknown = sorted(set(multimodal or {}) - set(inspect.signature(MultimodalEncoder).parameters))
         if unknown:
             raise VLMConfigError(f"Unknown key(s) {unknown} in the multimodal config.")
-        mcfg.update(multimodal or {})
+        mcfg.update(coerce_numbers(dict(multimodal or {}), {k: p.annotation for k, p in
+                                   inspect.signature(MultimodalEncoder).parameters.items()}, "multimodal"))
 
         self.image_encoder = build_vit(vcfg)
         self.text_encoder = build_text_encoder(tcfg, vocab_size=tokenizer_vocab_size)
@@ -236,6 +240,38 @@ class FLAVA(VLMModule):
                 f"Give stream '{batch.get('stream')}' a dataset/collate that yields it, or remove the objective."
             )
         return batch[name]
+
+    def check_inputs(self, streams: Mapping[str, Any]) -> None:
+        """Before training: every stream's transform fits the towers (patch grid, position table, vocabulary)."""
+        patch, vocab = self.image_encoder.patch_size, self.text_encoder.vocab_size
+        positions = getattr(self.text_encoder, "max_positions", None)
+        for key, stream in streams.items():
+            transform = getattr(stream, "transform", None)
+            if transform is None:
+                continue
+            where = f"data.init_args.{key}.init_args.transform.init_args"
+            size = getattr(getattr(transform, "image", None), "image_size", None)
+            if size is not None and int(size) % patch:
+                raise VLMConfigError(
+                    f"{where}.image_size={size} is not a multiple of the image tower's patch size {patch}: the "
+                    f"images would not split into whole patches. Use a multiple of {patch} (the model's "
+                    f"vision.image_size is {self.image_encoder.grid_size[0] * patch})."
+                )
+            length = getattr(transform, "max_length", None)
+            if length is not None and positions is not None and int(length) > int(positions):
+                raise VLMConfigError(
+                    f"{where}.max_length={length} is longer than the text tower's {positions} positions "
+                    f"(model.init_args.text.max_positions). Lower max_length to {positions} or less, or raise "
+                    "text.max_positions."
+                )
+            if getattr(transform, "tokenizer_source", None) is not None:
+                size = len(transform.tokenizer)
+                if size > vocab:
+                    raise VLMConfigError(
+                        f"{where}.tokenizer={transform.tokenizer_source!r} has {size} tokens (special tokens "
+                        f"included) but the text tower's embedding table has {vocab} rows: ids beyond it would "
+                        f"fail mid-run. Set model.init_args.text.vocab_size: {size}, or use the model's tokenizer."
+                    )
 
     def _check_vocab_once(self, input_ids: Tensor) -> None:
         # One host sync on the first batch only: an id beyond the table would be an opaque CUDA assert later.
