@@ -1,5 +1,6 @@
 """The notebooks run top to bottom (outputs are not committed)."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -21,3 +22,12 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "expected the loss plot and the retrieval figure"
+    # the model learned: the printed first -> last tenth losses of the masked objectives fall
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    losses = {m.group(1): (float(m.group(2)), float(m.group(3)))
+              for m in re.finditer(r"^train/(\S+)/loss\s+([-\d.]+) -> +([-\d.]+)$", text, re.M)}
+    if name == "flava_quickstart.ipynb":
+        for key in ("images/mim", "pairs/mmm", "text/mlm"):
+            first, last = losses[key]
+            assert last < first, (key, losses)
