@@ -39,7 +39,7 @@ bench: $(STAMP) ## speed/memory harnesses (CPU here; pass ARGS="--device cuda --
 	$(PY) benchmarks/contrastive.py $(ARGS)
 	$(PY) benchmarks/flava.py $(ARGS)
 
-bench-gpu: $(STAMP) ## the FLAVA-base speed table on a GPU (eager vs HF, compiled step, CUDA graphs), ~10 min
+bench-gpu: $(STAMP) ## FLAVA-base on a GPU: eager vs HF, compiled step, real vlm fit on the gpu/ddp/fsdp presets (<9 min)
 	PYTHON=$(PY) bash benchmarks/gpu_session.sh
 
 train: $(STAMP) ## vlm fit --config $(CONFIG)
