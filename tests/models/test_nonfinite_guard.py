@@ -136,3 +136,24 @@ def test_guard_off_trains_through_and_bad_limit_is_checked():
     assert not all(torch.isfinite(p).all() for p in model.parameters())  # what the guard prevents
     with pytest.raises(VLMConfigError, match=r"max_nonfinite_steps=-1: use 0 or more"):
         make(max_nonfinite_steps=-1)
+
+
+def test_fused_adamw_skips_on_device_without_dropping_gradients(monkeypatch):
+    """With the fused AdamW and no loss scaler the skip is the kernel's ``found_inf`` (no host read of the flag
+    before the step): gradients are not dropped, yet parameters and moments stay as they were."""
+    from vlm.models.base import VLMModule
+
+    def refuse(self, optimizer):
+        raise AssertionError("the fused path must not drop gradients on the host")
+
+    monkeypatch.setattr(VLMModule, "_drop_gradients", refuse)
+    model, snaps = make(bad=(2,)), Snapshots()
+    with pytest.warns(UserWarning, match="Non-finite loss at step 2"):
+        fit(model, 4, [snaps])
+    (p1, s1), (p2, s2) = snaps.after[1], snaps.after[2]
+    for name in p1:
+        assert torch.equal(p1[name], p2[name]), name
+    for name in s1:
+        for k in s1[name]:
+            assert torch.equal(s1[name][k], s2[name][k]), (name, k)
+    assert not hasattr(model.trainer.optimizers[0], "found_inf")  # nothing left over for the next step

@@ -157,6 +157,7 @@ class VLMModule(L.LightningModule):
         self.max_nonfinite_steps = None if max_nonfinite_steps is None else int(max_nonfinite_steps)
         self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a NaN/inf loss
         self._step_losses: list[tuple[str, int, Tensor, dict[str, Tensor]]] = []  # since the last optimizer step
+        self._pending_nonfinite: list[tuple[Tensor, Any, list]] = []  # skip flags on their way to the host
 
     # ------------------------------------------------------------------ set-up
     def attach_objectives(self) -> None:
@@ -315,6 +316,7 @@ class VLMModule(L.LightningModule):
         state = dict(super().__getstate__())
         state["_compiled_step"], state["step_rng"] = None, None  # rebuilt on first use
         state["_graph_cover"], state["_ddp_signature"] = GraphCover(), None
+        state["_pending_nonfinite"] = []  # CUDA events do not copy; a copy starts with nothing in flight
         return state
 
     @staticmethod
@@ -407,28 +409,70 @@ class VLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ NaN/inf-loss guard
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Lightning's step, skipped when this step's loss (any micro-batch, any rank) is NaN or infinite."""
+        """Lightning's step, skipped when this step's loss (any micro-batch, any rank) is NaN or infinite.
+
+        With the fused AdamW (the default wherever torch has it) the skip needs no device->host sync: the flag
+        goes to the fused kernel as ``found_inf`` (the contract torch's GradScaler uses), which leaves parameters
+        and moments alone and takes the step count back. The flag is copied to the host without blocking and
+        read once it has arrived (at the latest a step later, or at the end of training): the report, and the
+        stop after too many bad steps in a row, may come one step late. Elsewhere the flag is read at once.
+        """
+        self._resolve_nonfinite(wait=False)
         if self.max_nonfinite_steps is None or optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        torch_opt = getattr(optimizer, "optimizer", optimizer)  # Lightning hands its wrapper
 
         def guarded_closure():
             out = optimizer_closure()  # forward + backward of the last micro-batch
-            if self._nonfinite_step():
+            losses, self._step_losses = self._step_losses, []
+            if not losses:
+                return out
+            bad = (~torch.isfinite(torch.stack([loss.float() for _, _, loss, _ in losses]))).any().float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
+            scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+            if scaler is None and torch_opt.defaults.get("fused") and bad.device.type in fused_adamw_devices():
+                torch_opt.found_inf, torch_opt.grad_scale = bad, None  # the fused kernel skips: no host sync
+                self._queue_nonfinite(bad, losses)
+            elif self._report_nonfinite(bool(bad), losses):
                 self._drop_gradients(optimizer)
             return out
 
-        return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        try:
+            return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        finally:
+            for attr in ("found_inf", "grad_scale"):
+                if attr in torch_opt.__dict__:
+                    delattr(torch_opt, attr)
 
-    def _nonfinite_step(self) -> bool:
-        """Whether a loss since the last optimizer step was NaN/inf on any rank; reports it, stops past the limit."""
-        losses, self._step_losses = self._step_losses, []
-        if not losses:
-            return False
-        # One device-to-host sync per optimizer step, after the backward pass has been queued.
-        bad = (~torch.isfinite(torch.stack([loss.float() for _, _, loss, _ in losses]))).any().float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
-        if not bool(bad):
+    def _queue_nonfinite(self, bad: Tensor, losses: list) -> None:
+        if bad.device.type == "cuda":
+            host = torch.empty((), dtype=bad.dtype, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_nonfinite.append((host, event, losses))
+        else:
+            self._pending_nonfinite.append((bad, None, losses))
+            self._resolve_nonfinite(wait=True)
+
+    def _resolve_nonfinite(self, wait: bool) -> None:
+        """Read the queued flags that have reached the host, oldest first; report, count, stop past the limit."""
+        while self._pending_nonfinite:
+            flag, event, losses = self._pending_nonfinite[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending_nonfinite.pop(0)
+            self._report_nonfinite(bool(flag), losses)
+
+    def on_train_end(self) -> None:
+        self._resolve_nonfinite(wait=True)
+
+    def _report_nonfinite(self, bad: bool, losses: list) -> bool:
+        """Count a step with a NaN/inf loss (on any rank), report it, stop past the limit; True if it was bad."""
+        if not bad:
             self.nonfinite_in_a_row = 0
             return False
         self.nonfinite_in_a_row += 1
