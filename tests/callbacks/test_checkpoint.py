@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from tests.launch import run_ranks
 from vlm.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
 from vlm.checkpoint import load_checkpoint
 from vlm.errors import VLMConfigError
@@ -167,25 +167,7 @@ def run_rank(out: Path) -> None:
 
 @pytest.mark.ddp
 def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
-    procs = [
-        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(tmp_path)], cwd=tmp_path,
-                         env={**base, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
+    run_ranks(__file__, tmp_path, timeout=180, cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # only rank 1 was signalled (end of step SIGNAL_AT, before the check); both ranks stopped right there
     assert [r["global_step"] for r in ranks] == [SIGNAL_AT, SIGNAL_AT]

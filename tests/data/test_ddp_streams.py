@@ -8,15 +8,13 @@ test compares the ranks.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 MAP_N, ITER_N, BS, STEPS = 16, 12, 2, 14
@@ -76,39 +74,7 @@ def last_state(count: int, per_epoch: int) -> list[int]:
 def test_ddp_ranks_agree_on_streams_and_split_the_data(tmp_path):
     # Both ranks are started at once (as torchrun would: Lightning sees LOCAL_RANK and launches nothing),
     # so their slow imports overlap instead of running one after the other.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": "2",
-        "NODE_RANK": "0",
-    }
-    start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
-            cwd=REPO,
-            env={**base, "LOCAL_RANK": str(r), "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    elapsed = time.monotonic() - start
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
+    elapsed = run_ranks(__file__, tmp_path, timeout=120)
     assert elapsed < 60, f"DDP run took {elapsed:.0f}s"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 TINY, DDP = str(REPO / "conf/flava/tiny.yaml"), str(REPO / "conf/trainer/ddp.yaml")
@@ -146,26 +145,7 @@ def test_tiny_flava_under_ddp(tmp_path, monkeypatch):
     cli, _ = fit([*single_args(), "--trainer.max_steps=3"])
     cli.trainer.save_checkpoint(tmp_path / "single.ckpt")
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-            "NODE_RANK": "0", "VLM_CACHE_DIR": str(cache)}
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(tmp_path)], cwd=tmp_path,
-                              env={**base, "LOCAL_RANK": str(r), "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"ranks {failed} failed after {time.monotonic() - start:.0f}s:\n" + "\n".join(
-        f"--- rank {r}:\n{logs[r][-4000:]}" for r in failed)
+    run_ranks(__file__, tmp_path, cwd=tmp_path, env={"VLM_CACHE_DIR": str(cache)})
     reports = [json.loads((tmp_path / f"report-rank{r}.json").read_text()) for r in range(2)]
 
     # 1. every schedule and the staged freeze: parameters bitwise equal across ranks, every tower trained
