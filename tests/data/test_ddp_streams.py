@@ -16,7 +16,6 @@ import torch
 
 from tests.launch import run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 MAP_N, ITER_N, BS, STEPS = 16, 12, 2, 14
 
 
