@@ -27,7 +27,7 @@ wrapped block and has no unused-parameter check, but shards, which a 350M-parame
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,24 +69,25 @@ class GraphCover:
     """Makes every step's graph reach every trainable parameter for DDP's static reducer (see the module doc).
 
     ``cover(loss, key, trainable)`` adds the zero-weighted term for the parameters ``loss`` does not reach
-    (walking the graph only the first time ``key`` is seen); ``release(trainable)`` sets ``grad = None`` on
-    those no micro-batch since the last release reached.
+    (walking the graph, and listing ``trainable()``, only the first time ``key`` is seen); ``release(trainable)``
+    sets ``grad = None`` on those no micro-batch since the last release reached.
     """
 
     def __init__(self) -> None:
-        self._unreached: dict[tuple, tuple[nn.Parameter, ...]] = {}
+        self._known: dict[tuple, tuple[tuple[nn.Parameter, ...], frozenset[int]]] = {}  # key -> (unreached, reached)
         self._reached_since_step: set[int] = set()
         self.walks = 0  #: graph walks so far (one per signature): tests check it stays small
 
-    def cover(self, loss: Tensor, key: tuple, trainable: Sequence[nn.Parameter]) -> Tensor:
-        unreached = self._unreached.get(key)
-        if unreached is None:
-            reached = reachable_parameters(loss)
-            unreached = tuple(p for p in trainable if id(p) not in reached)
-            self._unreached[key] = unreached
+    def cover(self, loss: Tensor, key: tuple, trainable: Callable[[], Sequence[nn.Parameter]]) -> Tensor:
+        known = self._known.get(key)
+        if known is None:
+            found = reachable_parameters(loss)
+            params = trainable()
+            known = self._known[key] = (tuple(p for p in params if id(p) not in found),
+                                        frozenset(id(p) for p in params if id(p) in found))
             self.walks += 1
-        missing = {id(p) for p in unreached}
-        self._reached_since_step.update(id(p) for p in trainable if id(p) not in missing)
+        unreached, reached = known
+        self._reached_since_step |= reached
         if not unreached:
             return loss
         touch = torch.stack([p.reshape(-1)[0].to(loss.dtype) for p in unreached]).sum()
@@ -126,18 +127,10 @@ DEFAULT_BLOCKS = ("timm.models.vision_transformer.Block", "transformers.models.b
 
 
 def resolve_classes(names: Sequence[str]) -> set[type]:
-    """Classes from import paths (``package.module.Class``); an unknown one is one error naming it."""
-    import importlib
+    """Module classes from import paths (``package.module.Class``); an unknown one is one error naming it."""
+    from vlm.export import import_class
 
-    out = set()
-    for name in names:
-        module_name, _, cls_name = str(name).rpartition(".")
-        try:
-            out.add(getattr(importlib.import_module(module_name), cls_name))
-        except (ImportError, AttributeError, ValueError) as err:
-            raise VLMConfigError(f"Block class {name!r} cannot be imported ({err}); give an import path such as "
-                                 f"{DEFAULT_BLOCKS[0]!r}.") from None
-    return out
+    return {import_class(name) for name in names}
 
 
 try:

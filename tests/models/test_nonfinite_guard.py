@@ -143,7 +143,7 @@ def test_fused_adamw_skips_on_device_without_dropping_gradients(monkeypatch):
     before the step): gradients are not dropped, yet parameters and moments stay as they were."""
     from vlm.models.base import VLMModule
 
-    def refuse(self, optimizer):
+    def refuse(self, *args):
         raise AssertionError("the fused path must not drop gradients on the host")
 
     monkeypatch.setattr(VLMModule, "_drop_gradients", refuse)

@@ -374,21 +374,21 @@ class VLMModule(L.LightningModule):
                 return None
             # Lightning cannot skip a step under DDP: a zero loss over every parameter's zero gradient, all of
             # them released before AdamW, updates nothing, as a skipped step in a single process.
-            trainable = [p for p in self.parameters() if p.requires_grad]
-            key = (batch.get("stream"), (), tuple(id(p) for p in trainable))
-            return self._graph_cover.cover(torch.zeros((), device=self.device), key, trainable)
+            return self._cover_for_ddp(torch.zeros((), device=self.device), batch.get("stream"), ())
         loss, logs = self.compute_losses(batch)
         if self.max_nonfinite_steps is not None and self._trainer is not None:  # checked in optimizer_step
-            self._step_losses.append((str(batch.get("stream")), self.global_step if self._trainer else 0,
-                                      loss.detach(), logs))
+            self._step_losses.append((str(batch.get("stream")), self.global_step, loss.detach(), logs))
         bs = self.batch_size_of(batch)
         self._log_dict("train", logs, bs, on_step=True)
         self.log("train/loss", loss.detach(), batch_size=bs, on_step=True, prog_bar=True)
         if static_ddp(self._trainer) is not None:  # every trainable parameter in the graph (vlm.parallel)
-            trainable = [p for p in self.parameters() if p.requires_grad]
-            key = (batch.get("stream"), tuple(k for k, _, _ in active), tuple(id(p) for p in trainable))
-            loss = self._graph_cover.cover(loss, key, trainable)
+            loss = self._cover_for_ddp(loss, batch.get("stream"), tuple(k for k, _, _ in active))
         return loss
+
+    def _cover_for_ddp(self, loss: Tensor, stream: Any, objectives: tuple[str, ...]) -> Tensor:
+        # the trainable set is part of the key: on_train_batch_start keeps _ddp_signature current under DDP
+        return self._graph_cover.cover(loss, (stream, objectives, self._ddp_signature),
+                                       lambda: [p for p in self.parameters() if p.requires_grad])
 
     # ------------------------------------------------------------------ data parallel, clipping
     def setup(self, stage: str) -> None:
@@ -435,7 +435,7 @@ class VLMModule(L.LightningModule):
                 torch_opt.found_inf, torch_opt.grad_scale = bad, None  # the fused kernel skips: no host sync
                 self._queue_nonfinite(bad, losses)
             elif self._report_nonfinite(bool(bad), losses):
-                self._drop_gradients(optimizer)
+                self._drop_gradients(optimizer, scaler)
             return out
 
         try:
@@ -497,13 +497,12 @@ class VLMModule(L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_in_a_row), on_step=True, batch_size=1)
         return True
 
-    def _drop_gradients(self, optimizer) -> None:
+    def _drop_gradients(self, optimizer, scaler) -> None:
         """Make the coming ``optimizer.step`` change nothing: no gradients (AdamW skips parameters without one).
 
         Under a loss scaler (16-mixed) one gradient is set to NaN instead: the scaler skips the step itself
         (and lowers its scale), as it does for any overflow; a step without gradients would trip its check.
         """
-        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if scaler is not None and params:
             params[0].grad.view(-1)[:1] = float("nan")
