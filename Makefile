@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+# Test-only reference for the Flamingo layers: open-flamingo pins torch==2.0.1, so it goes in without its deps.
+	$(PY) -m pip install -q --no-deps 'open-flamingo>=2.0' 'einops>=0.6' 'einops-exts>=0.0.4'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create/update the virtual environment .venv (idempotent)
