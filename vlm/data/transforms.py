@@ -23,6 +23,7 @@ from torch import Tensor
 from vlm.data.collate import PAD_ID_KEY, SKIPPED_KEY, CorruptSample
 from vlm.data.tokenizers import END_OF_CHUNK, IMAGE_TOKEN, LOC_TOKENS_ALIAS, load_tokenizer
 from vlm.errors import VLMConfigError
+from vlm.objectives.captioning import flamingo_labels
 
 #: CLIP's normalisation (FLAVA uses it too)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -289,36 +290,27 @@ class InterleavedTransform(_Tokenized):
         self.max_length, self.max_images, self.image_size = int(max_length), int(max_images), int(image_size)
         self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
 
-    def token_plan(self, segments: list[tuple[str, Any]]) -> tuple[list[int], list[int], list[Any]]:
-        """Unpadded ``(input_ids, labels, images)`` of a document, before truncation to ``max_length``."""
+    def token_plan(self, segments: list[tuple[str, Any]]) -> tuple[list[int], list[Any]]:
+        """Unpadded ``(input_ids, images)`` of a document, before truncation to ``max_length``."""
         tok = self.tokenizer
         image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         eoc_id = tok.convert_tokens_to_ids(END_OF_CHUNK)
-        ids: list[int] = []
-        labels: list[int] = []
-        if tok.bos_token_id is not None:
-            ids.append(tok.bos_token_id)
-            labels.append(-100)
+        ids: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
         images: list[Any] = []
-        after_image = False  # the next text is the one that follows an image: it is scored, then closed
+        after_image = False  # the next text is the one that follows an image: it is closed by <|endofchunk|>
         for kind, value in segments:
             if kind == "image":
                 if len(images) == self.max_images:
                     break
                 images.append(value)
                 ids.append(image_id)
-                labels.append(-100)
                 after_image = True
                 continue
-            text_ids = tok(" " + value.strip(), add_special_tokens=False)["input_ids"]
+            ids += tok(" " + value.strip(), add_special_tokens=False)["input_ids"]
             if after_image:
-                ids += [*text_ids, eoc_id]
-                labels += [*text_ids, eoc_id]
+                ids.append(eoc_id)
                 after_image = False
-            else:  # before the first image, or after an <|endofchunk|>: context only
-                ids += text_ids
-                labels += [-100] * len(text_ids)
-        return ids, labels, images
+        return ids, images
 
     @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -327,25 +319,30 @@ class InterleavedTransform(_Tokenized):
         segments = sample.get("segments")
         if segments is None:  # an image-text pair is a one-image document: "<image> caption <|endofchunk|>"
             segments = [("image", sample["image"]), ("text", _pick_text(sample, "en", "caption"))]
-        ids, labels, images = self.token_plan(list(segments))
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        images = images[
-            : sum(1 for i in ids if i == image_id)
-        ]  # an <image> cut off by truncation drops its image
+        ids, images = self.token_plan(list(segments))
+        ids = ids[: self.max_length]
+        tok = self.tokenizer
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        images = images[: sum(1 for i in ids if i == image_id)]  # an <image> cut off by truncation drops its image
         n, pad = len(ids), self.max_length - len(ids)
-        pad_id = self.tokenizer.pad_token_id
         pixel_values = torch.zeros(self.max_images, 3, self.image_size, self.image_size)
         for t, img in enumerate(images):
             pixel_values[t] = self.image(img)
         image_mask = torch.zeros(self.max_images, dtype=torch.bool)
         image_mask[: len(images)] = True
+        input_ids = torch.tensor(ids + [tok.pad_token_id] * pad, dtype=torch.long)
+        attention_mask = torch.tensor([1] * n + [0] * pad, dtype=torch.long)
+        # Flamingo's label rule, written once (vlm.objectives.captioning.flamingo_labels); padding by the mask,
+        # since a tokenizer may pad with a token (eos) that also occurs in text
+        labels = flamingo_labels(input_ids[None], image_token_id=image_id,
+                                 end_of_chunk_token_id=tok.convert_tokens_to_ids(END_OF_CHUNK),
+                                 pad_token_id=-1)[0].masked_fill(attention_mask == 0, -100)
         out = {
             "pixel_values": pixel_values,
             "image_mask": image_mask,
-            "input_ids": torch.tensor(ids + [pad_id] * pad, dtype=torch.long),
-            "attention_mask": torch.tensor([1] * n + [0] * pad, dtype=torch.long),
-            "labels": torch.tensor(labels + [-100] * pad, dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
             "text": " ".join(v if k == "text" else IMAGE_TOKEN for k, v in segments),
         }
         return self._finish(sample, out)
