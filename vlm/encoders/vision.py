@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +315,208 @@ def patchify(pixel_values: Tensor, patch_size: int) -> Tensor:
     x = pixel_values.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
+# ------------------------------------------------------------------------------------------------ vision towers
+VISION_FEATURES = ("patches", "tokens")
+
+
+@dataclass
+class VisionTowerConfig:
+    """Any timm image model as a (usually frozen) feature extractor for the decoder models (Flamingo, PaLI)."""
+
+    model: str = "vit_tiny_patch16_224"  #: timm architecture name
+    #: False: random init; True: timm's default weights for ``model`` (hub); a local .safetensors/.bin/.pth file or a
+    #: directory holding one (timm layout, or a saved VisionTower's ``model.``-prefixed state); any other string is a
+    #: timm hub name (``'vit_base_patch16_224.augreg_in21k'``, ``'hf-hub:org/name'``) that replaces ``model``
+    pretrained: str | bool = False
+    image_size: int | None = None  #: input side in pixels (None: the architecture's default)
+    frozen: bool = True  #: no trainable parameters, always in eval mode, forward without autograd
+    kwargs: dict = field(default_factory=dict)  #: extra ``timm.create_model`` kwargs (depth, embed_dim, reg_tokens, ...)
+    feature: str = "patches"  #: "patches": one vector per patch/cell; "tokens": ViTs keep their class/register tokens
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> VisionTowerConfig:
+        """Accept a VisionTowerConfig, a dict (YAML) or None (defaults); unknown keys are one clear error."""
+        if cfg is None:
+            out = cls()
+        elif isinstance(cfg, cls):
+            out = cfg
+        elif isinstance(cfg, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(cfg) - known)
+            if unknown:
+                raise VLMConfigError(f"Unknown key(s) {unknown} in the vision tower config; known keys: {sorted(known)}.")
+            types = {f.name: f.type for f in fields(cls)} | {"image_size": "int"}
+            values = coerce_numbers(cfg, types, "vision_tower")
+            if isinstance(values.get("pretrained"), str) and values["pretrained"].lower() in ("", "false", "none", "null", "true"):
+                values["pretrained"] = values["pretrained"].lower() == "true"
+            out = cls(**values)
+        else:
+            raise VLMConfigError(f"The vision tower config must be a mapping, got {type(cfg).__name__}.")
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise VLMConfigError(f"vision_tower.model must be a timm model name, got {self.model!r}.")
+        if self.feature not in VISION_FEATURES:
+            raise VLMConfigError(f"vision_tower.feature={self.feature!r}: expected one of {list(VISION_FEATURES)}.")
+        if not isinstance(self.kwargs, dict):
+            raise VLMConfigError(f"vision_tower.kwargs must be a mapping of timm.create_model arguments, got {self.kwargs!r}.")
+        if self.pretrained is None:
+            self.pretrained = False
+        if not isinstance(self.pretrained, (bool, str, os.PathLike)):
+            raise VLMConfigError(
+                f"vision_tower.pretrained must be false, true, a local weights file/dir or a hub name; got {self.pretrained!r}."
+            )
+
+
+class VisionTower(nn.Module):
+    """A timm image model giving per-patch features ``[N, P, D]`` (never a pooled vector).
+
+    ViT-like models (``num_prefix_tokens``): ``forward_features`` (after the final norm) without the class/register
+    tokens; conv nets: the last feature map flattened row-major to ``[N, h*w, C]``. When ``frozen`` the parameters do
+    not require grad, ``.train()`` keeps the tower in eval mode, and forward runs without autograd as long as no
+    parameter requires grad (unfreeze parameters by hand to fine-tune part of a frozen tower).
+    """
+
+    def __init__(self, model: nn.Module, frozen: bool = True, feature: str = "patches", image_size: int | None = None):
+        super().__init__()
+        if feature not in VISION_FEATURES:
+            raise VLMConfigError(f"feature={feature!r}: expected one of {list(VISION_FEATURES)}.")
+        if not hasattr(model, "forward_features"):
+            raise VLMConfigError(f"{type(model).__name__} has no forward_features; give a timm image model.")
+        self.model = model
+        self.frozen = bool(frozen)
+        self.feature = feature
+        default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        self.image_size = int(image_size or default[-1])
+        self._token_counts: dict[int, int] = {}
+        if self.frozen:
+            self.model.requires_grad_(False)
+            self.train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width ``D`` of the features (timm ``num_features``)."""
+        return int(self.model.num_features)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class/register tokens before the patches (0 for conv nets)."""
+        return int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+
+    def num_tokens(self, image_size: int | None = None) -> int:
+        """Number of feature vectors ``P`` per square image of side ``image_size`` (default: the tower's)."""
+        size = int(image_size or self.image_size)
+        if size not in self._token_counts:
+            patch_embed = getattr(self.model, "patch_embed", None)
+            if hasattr(self.model, "num_prefix_tokens") and hasattr(patch_embed, "dynamic_feat_size"):
+                h, w = patch_embed.dynamic_feat_size((size, size))
+                extra = self.num_prefix_tokens if self.feature == "tokens" else 0
+                self._token_counts[size] = int(h) * int(w) + extra
+            else:  # conv nets: padding/striding rules vary, so measure once
+                param = next(self.model.parameters())
+                chans = int(getattr(self.model, "pretrained_cfg", {}).get("input_size", (3,))[0])
+                was_training = self.model.training
+                self.model.train(False)  # no BatchNorm statistics from a probe
+                try:
+                    with torch.no_grad():
+                        out = self(torch.zeros(1, chans, size, size, device=param.device, dtype=param.dtype))
+                finally:
+                    self.model.train(was_training)
+                self._token_counts[size] = int(out.shape[1])
+        return self._token_counts[size]
+
+    def train(self, mode: bool = True) -> VisionTower:
+        return super().train(False if self.frozen else mode)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute blocks in the backward pass where the timm model supports it."""
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """``pixel_values[N, 3, H, W]`` -> features ``[N, P, D]``."""
+        if any(p.requires_grad for p in self.model.parameters()):
+            return self._features(pixel_values)
+        with torch.no_grad():
+            return self._features(pixel_values)
+
+    def _features(self, pixel_values: Tensor) -> Tensor:
+        param = next(self.model.parameters(), None)
+        if param is not None and pixel_values.is_floating_point() and pixel_values.dtype != param.dtype:
+            pixel_values = pixel_values.to(param.dtype)
+        x = self.model.forward_features(pixel_values)
+        if isinstance(x, (list, tuple)):
+            x = x[-1]
+        if x.ndim == 4:  # a feature map
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+                return x.flatten(1, 2)
+            return x.flatten(2).transpose(1, 2)
+        if x.ndim != 3:
+            raise VLMConfigError(f"{type(self.model).__name__}.forward_features gave shape {tuple(x.shape)}; "
+                                 "expected a [N, C, h, w] map or [N, L, D] tokens.")
+        if self.feature == "patches" and self.num_prefix_tokens:
+            x = x[:, self.num_prefix_tokens:]
+        return x
+
+
+def _load_tower_weights(model: nn.Module, path: str) -> None:
+    import sys
+
+    state = load_state_file(path)
+    own = model.state_dict()
+    if state and not any(k in own for k in state) and all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}  # a saved VisionTower
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:  # timm's own remapping for its architecture (pos-embed resize, old layouts)
+        state = filter_fn(state, model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(heads)}  # the tower has no classifier
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VLMConfigError(
+            f"Vision tower weights {path!r} do not fit timm model {type(model).__name__}: missing {list(missing)[:8]}, "
+            f"unexpected {list(unexpected)[:8]}. Set vision_tower.model/kwargs to the checkpoint's architecture."
+        )
+
+
+def build_vision_tower(cfg: VisionTowerConfig | dict | None = None) -> VisionTower:
+    """Build a :class:`VisionTower`: random init (global torch seed), local weights, or a hub name via timm."""
+    import timm
+
+    cfg = VisionTowerConfig.from_any(cfg)
+    kwargs: dict[str, Any] = {"num_classes": 0, **cfg.kwargs}
+    if cfg.image_size is not None:
+        kwargs.setdefault("img_size", cfg.image_size)
+
+    def create(name: str, pretrained: bool) -> nn.Module:
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as err:
+            if "img_size" in str(err) and "img_size" not in cfg.kwargs:  # conv nets take any size without it
+                kwargs.pop("img_size")
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
+            raise VLMConfigError(f"timm could not build {name!r} with kwargs {kwargs}: {err}") from err
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise VLMConfigError(f"vision_tower.model={name!r} is not a timm model ({err}).") from err
+            raise
+
+    src = cfg.pretrained
+    if src is False:
+        model = create(cfg.model, False)
+    elif src is True or not hub.is_local(src):
+        name = cfg.model if src is True else str(src)
+        model = hub.call_hub(lambda s: create(s, True), name, "Vision tower weights")
+    else:
+        model = create(cfg.model, False)
+        _load_tower_weights(model, os.path.expanduser(str(src)))
+    return VisionTower(model, frozen=cfg.frozen, feature=cfg.feature, image_size=cfg.image_size)
+
 
 __all__ = [
     "VisionConfig", "ViTEncoder", "build_vit", "ImageCodebook", "build_codebook", "patchify", "load_state_file",
-    "CLIP_MEAN", "CLIP_STD",
+    "CLIP_MEAN", "CLIP_STD", "VisionTowerConfig", "VisionTower", "build_vision_tower",
 ]
