@@ -9,10 +9,15 @@ from lightning.pytorch.callbacks import Callback
 
 
 class GateMonitor(Callback):
-    """Every ``every_n_steps``, log ``tanh(gate)`` (mean of |values|) for each parameter matching ``pattern``."""
+    """Log ``tanh(gate)`` (mean of |values|) of each parameter matching ``pattern``, once per optimizer step.
+
+    Logged every ``every_n_steps`` optimizer steps (and at the first), just before the optimizer updates: with
+    gradient accumulation (Flamingo's ``accumulate`` schedule) one optimizer step spans several batches and is
+    logged once. Keys: ``gates/<parameter name>`` and ``gates/mean``.
+    """
 
     def __init__(self, pattern: str = "*gate*", every_n_steps: int = 50, apply_tanh: bool = True) -> None:
-        self.pattern, self.every_n_steps, self.apply_tanh = pattern, every_n_steps, apply_tanh
+        self.pattern, self.every_n_steps, self.apply_tanh = pattern, max(1, int(every_n_steps)), apply_tanh
 
     def gate_values(self, pl_module) -> dict[str, float]:
         """Current gate values keyed by parameter name."""
@@ -23,11 +28,12 @@ class GateMonitor(Callback):
                 out[name] = float(v.abs().mean())
         return out
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step % self.every_n_steps:
             return
         values = self.gate_values(pl_module)
         for name, v in values.items():
-            pl_module.log(f"gates/{name}", v, on_step=True, batch_size=1)
+            pl_module.log(f"gates/{name}", v, on_step=True, on_epoch=False, batch_size=1)
         if values:
-            pl_module.log("gates/mean", sum(values.values()) / len(values), on_step=True, batch_size=1)
+            pl_module.log("gates/mean", sum(values.values()) / len(values), on_step=True, on_epoch=False,
+                          batch_size=1)
