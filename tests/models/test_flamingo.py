@@ -252,3 +252,38 @@ def test_named_sizes_and_unknown_keys():
     with pytest.raises(VLMConfigError, match="size"):
         FlamingoConfig.named("huge", {})
     assert copy.deepcopy(cfg) == cfg
+
+
+def test_open_flamingo_checkpoint_loads_into_the_core(tmp_path):
+    """A checkpoint in OpenFlamingo's layout (its own modules' state dicts) gives this core the same outputs."""
+    from safetensors.torch import save_file
+
+    of = pytest.importorskip("open_flamingo.src.helpers")
+    core = make_core("gpt2")
+    dim, vdim = core.hidden_size, core.vision.hidden_size
+    torch.manual_seed(1)
+    perceiver = of.PerceiverResampler(dim=vdim, depth=1, dim_head=16, heads=2, num_latents=4, ff_mult=2)
+    state = {f"perceiver.{k}": v for k, v in perceiver.state_dict().items()}
+    for i in range(2):
+        block = of.GatedCrossAttentionBlock(dim=dim, dim_visual=vdim, dim_head=16, heads=2, ff_mult=2)
+        with torch.no_grad():
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(-0.25)
+        state.update({f"lang_encoder.gated_cross_attn_layers.{i}.{k}": v for k, v in block.state_dict().items()})
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    from vlm.convert.open_flamingo import load_flamingo_weights
+
+    report = load_flamingo_weights(core, path)
+    assert report["kept"] == ["lm.transformer.wte.extra"]  # the new token rows are this model's own
+    x = torch.randn(2, 1, 1, 16, vdim)
+    with torch.no_grad():
+        assert torch.allclose(core.resampler(x), perceiver(x), atol=1e-5)
+    # this model's own trainable checkpoint round-trips through the same loader
+    own = {k: v.clone() for k, v in core.trainable_state_dict().items()}
+    other = make_core("gpt2", seed=3)
+    load_flamingo_weights(other, own)
+    assert all(torch.equal(p, own[k]) for k, p in other.trainable_state_dict().items())
+    bad = make_core("gpt2", num_latents=5)
+    with pytest.raises(VLMConfigError, match="shape"):
+        load_flamingo_weights(bad, path)

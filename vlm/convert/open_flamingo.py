@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlm.errors import VLMConfigError
 
@@ -120,3 +120,57 @@ def convert_open_flamingo_state(state: Mapping[str, Tensor] | str | os.PathLike)
     for i in sorted(blocks):
         out.update({f"xattn.{i}.{k}": v for k, v in xattn_from_open_flamingo(blocks[i]).items()})
     return out
+
+
+def load_flamingo_weights(core: nn.Module, source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """Load trained Flamingo parts into a ``FlamingoCore``: a released OpenFlamingo checkpoint, or this model's own
+    trainable parameters (``FlamingoCore.trainable_state_dict()`` saved with safetensors/torch).
+
+    OpenFlamingo checkpoints give the Perceiver Resampler and every gated cross-attention block; the LM and the
+    vision tower come from their own configs (use the LM the checkpoint was trained with: the block count and
+    widths are checked). Returns ``{"loaded": [...], "kept": [...]}``: what was set, and the trainable
+    parameters the source did not carry. A shape mismatch or a block the model lacks is one clear error.
+    """
+    from vlm.encoders.lm import decoder_layers
+
+    state = dict(source) if isinstance(source, Mapping) else read_state_file(source)
+    for wrapper in ("model_state_dict", "state_dict"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = dict(state[wrapper])
+    openflamingo = any(k.split(".", 1)[0] in ("perceiver", "lang_encoder", "vision_encoder")
+                       or k.startswith("module.") for k in state)
+    own = dict(core.named_parameters())
+    target: dict[str, Tensor] = {}
+    if openflamingo:
+        layers = decoder_layers(core.lm)
+        prefix = {id(m): n for n, m in core.named_modules()}
+        for key, value in convert_open_flamingo_state(state).items():
+            part, rest = key.split(".", 1)
+            if part == "resampler":
+                target[f"resampler.{rest}"] = value
+                continue
+            index, name = rest.split(".", 1)
+            layer = layers[int(index)] if int(index) < len(layers) else None
+            xattn = getattr(layer, "xattn", None) if layer is not None else None
+            if xattn is None:
+                raise VLMConfigError(
+                    f"The checkpoint has a gated cross-attention block before LM block {index}, but this model has "
+                    f"none there (blocks {len(layers)}, cross_attn_every={getattr(core.cfg, 'cross_attn_every', '?')}). "
+                    "Match cross_attn_every and the LM to the checkpoint's.")
+            target[f"{prefix[id(xattn)]}.{name}"] = value
+    else:
+        for key, value in state.items():
+            target[key[len("core."):] if key.startswith("core.") else key] = value
+    unknown = sorted(k for k in target if k not in own)
+    if unknown:
+        raise VLMConfigError(f"Checkpoint keys with no parameter in this model: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}. Is it a Flamingo checkpoint of this shape?")
+    for key, value in target.items():
+        if own[key].shape != value.shape:
+            raise VLMConfigError(
+                f"Checkpoint tensor {key} has shape {tuple(value.shape)} but the model's is {tuple(own[key].shape)}: "
+                "the checkpoint was trained with other sizes (vision width, LM width, heads, latents).")
+        with torch.no_grad():
+            own[key].copy_(value.to(own[key].dtype))
+    kept = sorted(k for k, p in own.items() if p.requires_grad and k not in target)
+    return {"loaded": sorted(target), "kept": kept}
