@@ -1,4 +1,5 @@
-"""Held-out evaluation of dual-encoder models (anything with ``encode_image`` / ``encode_text``)."""
+"""Held-out evaluation: dual-encoder models (anything with ``encode_image`` / ``encode_text``) by retrieval and
+zero-shot classification; generative models (``generate`` / ``decode``) by few-shot VQA accuracy and CIDEr."""
 
 from __future__ import annotations
 
@@ -78,3 +79,28 @@ def top_matches(emb: PairEmbeddings, n: int = 5) -> list[tuple[int, int, float]]
     sims = emb.image[:n] @ emb.text.T
     best = sims.argmax(1)
     return [(i, int(best[i]), float(sims[i, best[i]])) for i in range(min(n, emb.image.shape[0]))]
+
+
+def evaluate_fewshot(model, queries, transform: Callable, batch_size: int = 50) -> tuple[float, list[dict]]:
+    """Generate an answer for every query prompt (``vlm.data.fewshot.FewShotPrompts``) and score it.
+
+    Returns (VQA accuracy or CIDEr-D by the transform's task, one dict per query with its key, prompt shots,
+    prediction and references). ``model`` needs ``generate`` and ``decode`` (Flamingo).
+    """
+    from vlm.metrics.captioning import cider
+    from vlm.metrics.vqa import vqa_accuracy
+
+    model.eval()
+    rows: list[dict] = []
+    for start in range(0, len(queries), batch_size):
+        batch = collate([transform(queries[i]) for i in range(start, min(len(queries), start + batch_size))])
+        with torch.no_grad():
+            preds = model.decode(model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                batch["image_mask"]))
+        rows += [{"key": k, "shots": int(s), "prediction": p, "references": r}
+                 for k, s, p, r in zip(batch["key"], batch["shots"], preds, batch["answers"])]
+    if transform.task == "captioning":
+        score = cider([r["prediction"] for r in rows], [r["references"] for r in rows])
+    else:
+        score = sum(vqa_accuracy(r["prediction"], r["references"]) for r in rows) / max(1, len(rows))
+    return float(score), rows

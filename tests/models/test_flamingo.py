@@ -104,6 +104,10 @@ def test_only_resampler_cross_attention_and_new_rows_train():
     assert [isinstance(layer, FlamingoLayer) for layer in layer_list(core)] == [False, True]
     extra = [p for n, p in core.named_parameters() if n.endswith(".extra")]
     assert len(extra) == 1 and extra[0].shape[0] == 2  # tied GPT-2 head: one set of rows for <image>, <|endofchunk|>
+    # an LM that trains (no pretrained one at hand) trains all of itself, its embedding table included
+    joint = make_core("gpt2", freeze_lm=False)
+    frozen = {n for n, p in joint.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("vision.") for n in frozen)
 
 
 def test_media_rule_immediate_and_all_previous():

@@ -30,11 +30,17 @@ from vlm.errors import VLMConfigError
 TASKS = ("vqa", "captioning")
 
 
-def task_text(task: str, sample: dict[str, Any], with_answer: bool, lang: str = "en") -> str:
+#: how a training document may write its answers: ``short`` ("red"), or ``sentence`` ("the answer is red"),
+#: which VQA accuracy counts as wrong. Documents with either style teach a model that the solved examples
+#: before a question set the answer format, the reason few-shot prompts beat zero-shot ones in VQA.
+ANSWER_STYLES = {"short": "{}", "sentence": "the answer is {}"}
+
+
+def task_text(task: str, sample: dict[str, Any], with_answer: bool, lang: str = "en", style: str = "short") -> str:
     """The text of one chunk: the question (and answer) or the caption, in the task's prompt format."""
     if task == "vqa":
         text = f"Question: {sample['question']} Short answer:"
-        return f"{text} {sample['answer']}" if with_answer else text
+        return f"{text} {ANSWER_STYLES[style].format(sample['answer'])}" if with_answer else text
     if task == "captioning":
         return f"Output: {_pick_text(sample, lang, 'caption')}" if with_answer else "Output:"
     raise VLMConfigError(f"unknown few-shot task {task!r}; use one of {list(TASKS)}")
@@ -133,10 +139,16 @@ class TaskDocuments(Dataset):
 
     Each document takes ``per_document`` consecutive samples of ``dataset`` (document i uses samples
     i*per_document ...), written as :func:`task_text` with the answer; an :class:`InterleavedTransform`
-    then tokenizes it with Flamingo's labels.
+    then tokenizes it with Flamingo's labels. ``answer_styles`` (VQA): each document writes all its answers in
+    one style of :data:`ANSWER_STYLES`, picked per document (seeded by its index).
     """
 
-    def __init__(self, dataset: Dataset, task: str = "vqa", per_document: int = 3) -> None:
+    def __init__(self, dataset: Dataset, task: str = "vqa", per_document: int = 3,
+                 answer_styles: Sequence[str] = ("short",)) -> None:
+        unknown = sorted(set(answer_styles) - set(ANSWER_STYLES))
+        if unknown or not answer_styles:
+            raise VLMConfigError(f"TaskDocuments: answer_styles={list(answer_styles)}; use some of {list(ANSWER_STYLES)}.")
+        self.answer_styles = list(answer_styles)
         if task not in TASKS:
             raise VLMConfigError(f"TaskDocuments: task={task!r}; use one of {list(TASKS)}.")
         if per_document < 1 or len(dataset) < per_document:
@@ -152,8 +164,9 @@ class TaskDocuments(Dataset):
             raise IndexError(f"document {index} out of range for {len(self)}")
         segments: list[tuple[str, Any]] = []
         keys = []
+        style = self.answer_styles[zlib.crc32(f"style/{index}".encode()) % len(self.answer_styles)]
         for j in range(self.per_document):
             s = self.dataset[index * self.per_document + j]
-            segments += [("image", s["image"]), ("text", task_text(self.task, s, with_answer=True))]
+            segments += [("image", s["image"]), ("text", task_text(self.task, s, with_answer=True, style=style))]
             keys.append(str(s.get("key")))
         return {"key": "+".join(keys), "segments": segments}

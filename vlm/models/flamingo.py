@@ -255,6 +255,9 @@ class FlamingoCore(nn.Module):
             self.lm.set_output_embeddings(ExtendedLMHead(head, extra))
         self.lm.config.get_text_config().vocab_size = vocab
         self.vocab_size = vocab
+        if not self.cfg.freeze_lm:  # the LM trains: its own rows (and head) train with it
+            for p in (*extended.base.parameters(), *(head.parameters() if head is not None else ())):
+                p.requires_grad_(True)
 
     # ------------------------------------------------------------------ forward
     @property
