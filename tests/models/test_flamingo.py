@@ -83,7 +83,8 @@ def build_plain_lm(family):
 
     torch.manual_seed(0)
     tok = load_tokenizer("synthetic")
-    return build_lm(LMConfig(config=dict(LMS[family])), vocab_size=len(tok)).eval()
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the tokenizer's
+    return build_lm(LMConfig(config={**ids, **LMS[family]}), vocab_size=len(tok)).eval()
 
 
 def layer_list(core):

@@ -193,12 +193,13 @@ class FlamingoCore(nn.Module):
         tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         base_tokens = len(tok) - sum(t in tok.get_vocab() for t in FLAMINGO_SPECIAL_TOKENS)
         lm_cfg = LMConfig.from_any(cfg.lm)
-        self.lm = build_lm(lm_cfg, vocab_size=base_tokens)
+        specials = ("bos_token_id", "eos_token_id", "pad_token_id")
         if lm_cfg.config is not None:  # a config's own special ids (GPT-2's 50256) mean nothing in another vocabulary
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                value = getattr(tok, name)
-                for target in (self.lm.config.get_text_config(), self.lm.generation_config):
-                    setattr(target, name, value)
+            lm_cfg.config = {**{k: getattr(tok, k) for k in specials}, **lm_cfg.config}
+        self.lm = build_lm(lm_cfg, vocab_size=base_tokens)
+        if lm_cfg.config is not None:
+            for name in specials:
+                setattr(self.lm.generation_config, name, getattr(self.lm.config.get_text_config(), name, None))
         if cfg.freeze_lm:
             _freeze(self.lm)
         add_special_tokens(tok, list(FLAMINGO_SPECIAL_TOKENS))
