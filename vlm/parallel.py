@@ -123,7 +123,8 @@ def rewrap_ddp(strategy) -> DistributedDataParallel:
 
 
 #: transformer blocks of the shipped towers (timm ViT/pre-norm blocks; Hugging Face BERT-style layers)
-DEFAULT_BLOCKS = ("timm.models.vision_transformer.Block", "transformers.models.bert.modeling_bert.BertLayer")
+DEFAULT_BLOCKS = ("timm.models.vision_transformer.Block", "transformers.models.bert.modeling_bert.BertLayer",
+                  "vlm.models.flamingo.FlamingoLayer")
 
 
 def resolve_classes(names: Sequence[str]) -> set[type]:

@@ -86,6 +86,30 @@ def test_gate_monitor_reports_tanh_of_gates():
     assert values == {"gate": pytest.approx(float(torch.tanh(torch.tensor(0.5))))}
 
 
+def test_gate_monitor_logs_once_per_optimizer_step_under_accumulation():
+    """Three batches per optimizer step (Flamingo's accumulate schedule): one logged value per step, taken
+    before that step's update (the gate it reports is the one the step's batches saw)."""
+    model = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}, "b": {"se": 1.0}}, lr=1e-1)
+    logged: list[tuple[int, float]] = []
+    log = model.log
+
+    def spy(name, value, *args, **kwargs):
+        if name == "gates/gate":
+            logged.append((model.trainer.global_step, float(value)))
+        return log(name, value, *args, **kwargs)
+
+    model.log = spy
+    loader = DataLoader(toy_batches(12), batch_size=None)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=3,
+                        callbacks=[GateMonitor(pattern="gate", every_n_steps=2)])
+    trainer.fit(model, loader)
+    assert [step for step, _ in logged] == [0, 2]  # 12 batches, 4 optimizer steps, every 2nd step once
+    assert logged[0][1] == pytest.approx(float(torch.tanh(torch.tensor(0.5))))  # before the first update
+    seen = logged
+    assert trainer.callback_metrics["gates/gate"] == pytest.approx(seen[-1][1])
+
+
 def _group_of(opt, p):
     return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
 
