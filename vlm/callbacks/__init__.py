@@ -5,7 +5,8 @@ from vlm.callbacks.freeze import FreezeSchedule, FreezeStage
 from vlm.callbacks.gates import GateMonitor
 from vlm.callbacks.history import MetricHistory
 from vlm.callbacks.objective_schedule import ObjectiveWeightSchedule, WeightStage
+from vlm.callbacks.predictions import PredictionWriter
 from vlm.callbacks.throughput import Throughput
 
 __all__ = ["AtomicCheckpointIO", "FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule",
-           "PreemptionCheckpoint", "Throughput", "WeightStage"]
+           "PredictionWriter", "PreemptionCheckpoint", "Throughput", "WeightStage"]

@@ -27,6 +27,7 @@ YAML (LightningCLI)::
               transform: {class_path: ..., init_args: {...}}
           vqa: {class_path: vlm.data.stream.Stream, init_args: {dataset: ..., batch_size: 16}}
         val_streams: {pairs: {class_path: vlm.data.stream.Stream, init_args: {dataset: ...}}}
+        predict_streams: {vqa: {class_path: vlm.data.stream.Stream, init_args: {dataset: ...}}}
 
 Which objectives train on each stream is declared in the model's ``streams:``, not here.
 """
@@ -243,6 +244,8 @@ class MultiStreamDataModule(L.LightningDataModule):
         steps_per_epoch: batches per training epoch; ``None`` = one endless epoch (``trainer.max_steps`` ends it).
         pin_memory: pin batches in page-locked memory (GPU training).
         persistent_workers: keep workers of map-style streams alive between epochs.
+        predict_streams: streams used by ``predict`` (``vlm predict``), read like the evaluation streams: one
+            finite, unshuffled loader each, whole batches dealt out to the ranks.
     """
 
     def __init__(
@@ -257,11 +260,13 @@ class MultiStreamDataModule(L.LightningDataModule):
         steps_per_epoch: int | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        predict_streams: dict[str, Stream] | None = None,
     ) -> None:
         super().__init__()
         self.streams = self._check_streams(streams, "streams", required=True)
         self.val_streams = self._check_streams(val_streams, "val_streams")
         self.test_streams = self._check_streams(test_streams, "test_streams") if test_streams else dict(self.val_streams)
+        self.predict_streams = self._check_streams(predict_streams, "predict_streams")
         if batch_size < 1:
             raise VLMConfigError(f"batch_size={batch_size}: use a positive integer.")
         if num_workers < 0:
@@ -321,6 +326,11 @@ class MultiStreamDataModule(L.LightningDataModule):
     def test_stream_names(self) -> list[str]:
         """Test stream names, in the order of the test dataloaders (``dataloader_idx``)."""
         return list(self.test_streams)
+
+    @property
+    def predict_stream_names(self) -> list[str]:
+        """Prediction stream names, in the order of the predict dataloaders (``dataloader_idx``)."""
+        return list(self.predict_streams)
 
     # ------------------------------------------------------------------ set-up
     def _rank_world(self) -> tuple[int, int]:
@@ -411,6 +421,16 @@ class MultiStreamDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[EvalLoader]:
         """One finite loader per test stream."""
         return self._eval_loaders(self.test_streams)
+
+    def predict_dataloader(self) -> list[EvalLoader]:
+        """One finite loader per prediction stream."""
+        if not self.predict_streams:
+            raise VLMConfigError(
+                "MultiStreamDataModule: `predict_streams` is empty, so there is nothing to predict. Declare the "
+                "streams to run, e.g. `data.init_args.predict_streams: {vqa: {class_path: vlm.data.stream.Stream, "
+                "init_args: {dataset: ..., transform: ...}}}` (conf/flamingo/predict.yaml is an overlay that does)."
+            )
+        return self._eval_loaders(self.predict_streams)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Mark training batches as consumed (the resume point), then run the model's own hook if it has one."""
