@@ -31,3 +31,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
         for key in ("images/mim", "pairs/mmm", "text/mlm"):
             first, last = losses[key]
             assert last < first, (key, losses)
+    if name == "flamingo_quickstart.ipynb":
+        for key in ("interleaved/caption", "pairs/caption", "vqa/caption"):
+            first, last = losses[key]
+            assert last < first, (key, losses)
