@@ -140,6 +140,7 @@ class VLMModule(L.LightningModule):
         self._graph_cover = GraphCover()  # DDP with per-stream objectives (vlm.parallel)
         self._ddp_signature: tuple[int, ...] | None = None
         self._eval_sums: dict[str, tuple[Tensor, float]] = {}  # evaluation: key -> (sum of value*rows, rows)
+        self._captions: dict[str, list] = {}  # evaluation: "val/<stream>" -> [(prediction, references), ...]
         for stream, ws in self.stream_weights.items():
             for key, weight in ws.items():
                 if key not in self.objectives:
@@ -556,16 +557,88 @@ class VLMModule(L.LightningModule):
         self._eval_sums = {}
 
     def on_validation_epoch_end(self) -> None:
+        self._log_captioning("val")
         self._log_eval_means()
 
     def on_test_epoch_end(self) -> None:
+        self._log_captioning("test")
         self._log_eval_means()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+        if self.is_prompt_batch(batch):
+            return self._prompt_eval_step("val", batch)
         return self._eval_step("val", batch)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+        if self.is_prompt_batch(batch):
+            return self._prompt_eval_step("test", batch)
         return self._eval_step("test", batch)
+
+    # ------------------------------------------------------------------ inference (generative models)
+    def generate_batch(self, batch: Mapping[str, Any]) -> Tensor:
+        """Generated token ids ``[B, N]`` (new tokens only) for a batch of prompts. Generative models override it
+        (and ``stop_token_ids``); the base then gives them ``predict_step`` and prompt-stream evaluation."""
+        raise VLMConfigError(
+            f"{type(self).__name__} does not generate text: prompt streams (predict_streams, or validation "
+            "streams of vlm.data.fewshot.FewShotPrompts) need a generative model such as Flamingo.")
+
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end a generated answer (cut by ``decode``)."""
+        return set()
+
+    def decode(self, tokens: Tensor) -> list[str]:
+        """Generated ids -> text, cut at the first stop token, special tokens dropped."""
+        stops = self.stop_token_ids()
+        texts = []
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return texts
+
+    @staticmethod
+    def is_prompt_batch(batch: Mapping[str, Any]) -> bool:
+        """A batch of prompts to answer (``FewShotPrompts``): it carries references and a task."""
+        return batch.get("answers") is not None and batch.get("task") is not None
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> list[dict]:
+        """Generated text for each prompt of ``batch``, with its key and references when it has them."""
+        preds = self.decode(self.generate_batch(batch))
+        keys = batch.get("key") or [None] * len(preds)
+        refs = batch.get("answers") or [None] * len(preds)
+        return [{"key": k, "stream": batch.get("stream"), "prediction": p, "references": r}
+                for k, p, r in zip(keys, preds, refs)]
+
+    def _prompt_eval_step(self, prefix: str, batch: Mapping[str, Any]) -> None:
+        """Answer the prompts and score them: VQA accuracy per batch (a mean over ranks), captions kept for
+        CIDEr-D over the whole split at the epoch's end."""
+        from vlm.metrics.vqa import vqa_accuracy
+
+        preds = self.decode(self.generate_batch(batch))
+        stream, task = str(batch.get("stream")), batch.get("task")
+        task = task[0] if isinstance(task, (list, tuple)) else task
+        if task == "captioning":
+            self._captions.setdefault(f"{prefix}/{stream}", []).extend(zip(preds, batch["answers"]))
+        else:
+            hits = torch.tensor([vqa_accuracy(p, a) for p, a in zip(preds, batch["answers"])], dtype=torch.float64)
+            self.accumulate_eval(f"{prefix}/{stream}/vqa_accuracy", hits.sum().to(self.device), float(hits.numel()))
+        return None
+
+    def _log_captioning(self, prefix: str) -> None:
+        """CIDEr-D of every caption stream over all ranks' predictions (every rank takes part)."""
+        from vlm.metrics.captioning import cider
+        from vlm.parallel import all_gather_objects
+
+        captions = getattr(self, "_captions", {})
+        mine = {k: v for k, v in captions.items() if k.startswith(prefix + "/")}
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered = all_gather_objects(mine)
+        else:
+            gathered = [mine]
+        for key in sorted(set().union(*gathered)):
+            rows = [r for g in gathered for r in g.get(key, [])]
+            value = cider([p for p, _ in rows], [list(r) for _, r in rows])
+            self.log(f"{key}/cider", torch.tensor(value, device=self.device), sync_dist=False)
+        self._captions = {k: v for k, v in captions.items() if not k.startswith(prefix + "/")}
 
     # ------------------------------------------------------------------ optimisation
     NO_DECAY_KEYS = ("bias", "norm", "ln_", "layernorm", "cls_token", "pos_embed", "position_embedding",

@@ -388,7 +388,6 @@ class Flamingo(VLMModule):
 
             load_flamingo_weights(self.core, pretrained)
         self.dims = {"vocab_size": self.core.vocab_size, "text_hidden": self.core.hidden_size}
-        self._fewshot: dict[str, Any] = {}
         self.attach_objectives()
 
     # ------------------------------------------------------------------ helpers
@@ -452,6 +451,15 @@ class Flamingo(VLMModule):
         return cache.get_or("lm_logits", compute)
 
     # ------------------------------------------------------------------ inference
+    def generate_batch(self, batch: Mapping[str, Any]) -> Tensor:
+        return self.generate(self._field(batch, "pixel_values", "generation"),
+                             self._field(batch, "input_ids", "generation"), batch.get("attention_mask"),
+                             batch.get("image_mask"))
+
+    def stop_token_ids(self) -> set[int]:
+        tok = self.tokenizer
+        return {self.core.end_of_chunk_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
+
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                  image_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -479,15 +487,6 @@ class Flamingo(VLMModule):
             out = self.core.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **args)
         return out[:, input_ids.shape[1]:]
 
-    def decode(self, tokens: Tensor) -> list[str]:
-        """Generated ids -> text, cut at the first ``<|endofchunk|>``/eos, special tokens dropped."""
-        texts = []
-        stops = {self.core.end_of_chunk_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        for row in tokens.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return texts
-
     @torch.no_grad()
     def score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
               image_mask: Tensor | None = None) -> Tensor:
@@ -499,63 +498,3 @@ class Flamingo(VLMModule):
         keep = targets != IGNORE_INDEX
         picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         return (picked * keep).sum(1)
-
-    # ------------------------------------------------------------------ evaluation and prediction
-    def _is_prompt_batch(self, batch: Mapping[str, Any]) -> bool:
-        return batch.get("answers") is not None and batch.get("shots") is not None
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
-        if self._is_prompt_batch(batch):
-            return self._fewshot_step("val", batch)
-        return super().validation_step(batch, batch_idx, dataloader_idx)
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
-        if self._is_prompt_batch(batch):
-            return self._fewshot_step("test", batch)
-        return super().test_step(batch, batch_idx, dataloader_idx)
-
-    def _fewshot_step(self, prefix: str, batch: Mapping[str, Any]) -> None:
-        from vlm.metrics.vqa import vqa_accuracy
-
-        preds = self.decode(self.generate(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"),
-                                          batch.get("image_mask")))
-        stream, task = str(batch.get("stream")), batch.get("task") or ["vqa"]
-        task = task[0] if isinstance(task, (list, tuple)) else task
-        if task == "captioning":
-            rows = self._fewshot.setdefault(f"{prefix}/{stream}", [])
-            rows.extend(zip(preds, batch["answers"]))
-        else:
-            hits = torch.tensor([vqa_accuracy(p, a) for p, a in zip(preds, batch["answers"])], dtype=torch.float64)
-            self.accumulate_eval(f"{prefix}/{stream}/vqa_accuracy", hits.sum().to(self.device), float(hits.numel()))
-        return None
-
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> list[dict]:
-        """Generated text for each prompt of ``batch``, with its key and references when it has them."""
-        preds = self.decode(self.generate(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"),
-                                          batch.get("image_mask")))
-        keys = batch.get("key") or [None] * len(preds)
-        refs = batch.get("answers") or [None] * len(preds)
-        return [{"key": k, "stream": batch.get("stream"), "prediction": p, "references": r}
-                for k, p, r in zip(keys, preds, refs)]
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_captioning("val")
-        super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_captioning("test")
-        super().on_test_epoch_end()
-
-    def _log_captioning(self, prefix: str) -> None:
-        from vlm.metrics.captioning import cider
-        from vlm.parallel import all_gather_objects
-
-        mine = {k: v for k, v in self._fewshot.items() if k.startswith(prefix + "/")}
-        gathered = all_gather_objects(mine)
-        keys = sorted(set().union(*gathered))
-        for key in keys:
-            rows = [r for g in gathered for r in g.get(key, [])]
-            preds, refs = [p for p, _ in rows], [list(r) for _, r in rows]
-            self.log(f"{key}/cider", torch.tensor(cider(preds, refs), device=self.device), sync_dist=False)
-        self._fewshot = {k: v for k, v in self._fewshot.items() if not k.startswith(prefix + "/")}
-
