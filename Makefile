@@ -10,10 +10,10 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench bench-gpu train debug overfit clean
+.PHONY: help install demo demo-flamingo test test-fast lint bench bench-gpu train debug overfit clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ install: $(STAMP) ## create/update the virtual environment .venv (idempotent)
 
 demo: $(STAMP) ## pretrain tiny FLAVA on the synthetic world on CPU, then print held-out retrieval
 	$(PY) -m vlm.demo
+
+demo-flamingo: $(STAMP) ## train tiny Flamingo on the synthetic world on CPU, then print held-out 0/4-shot VQA and captioning
+	$(PY) -m vlm.demo_flamingo
 
 test: $(STAMP) ## run the whole test suite (CPU, offline)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests

@@ -28,7 +28,7 @@ SMALL = [
     "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
     "--model.init_args.config.freeze_lm=true",
     "--data.init_args.streams.interleaved.init_args.dataset.init_args.num=64",
-    "--data.init_args.streams.pairs.init_args.dataset.init_args.num=64",
+    "--data.init_args.streams.pairs.init_args.dataset.init_args.dataset.init_args.num=64",
     "--data.init_args.streams.vqa.init_args.dataset.init_args.dataset.init_args.num=192",
     # evaluation: 10 VQA prompts with 2 shots and 10 documents, in batches of 4 -> 3 batches each, dealt 2:1
     "--data.init_args.val_streams={vqa_2shot: {class_path: vlm.data.stream.Stream, init_args: {"
