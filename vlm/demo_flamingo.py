@@ -50,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:<18} {first:8.3f} -> {last:8.3f}")
     gates = GateMonitor(pattern="*_gate").gate_values(model)
     if gates:
-        print("gates tanh(alpha): " + ", ".join(f"{k.split('.')[-3] if 'layers' in k else k}.{k.split('.')[-1]}="
-                                              f"{v:.2f}" for k, v in sorted(gates.items())))
+        import re
+
+        named = {}
+        for k, v in gates.items():
+            m = re.search(r"\.(\d+)\.xattn\.(\w+?)_gate", k)
+            named[f"block{m.group(1)}.{m.group(2)}" if m else k] = v
+        print("gates tanh(alpha): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(named.items())))
 
     model = model.cpu()
     size = int(model.config.vision.get("kwargs", {}).get("img_size", 64))
