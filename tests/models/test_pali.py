@@ -1,0 +1,264 @@
+"""PaLI on the shared parts, against independent references: image tokens prepended to the prompt of a plain
+T5, a frozen ViT, cached greedy/beam generation, the captioning loss on decoder targets, the detection parser and
+clear errors for a vocabulary or image size that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm.data.collate import collate
+from vlm.data.synthetic import SyntheticPairs, SyntheticVQA
+from vlm.data.tokenizers import box_to_loc_string, load_tokenizer
+from vlm.data.transforms import PrefixLMTransform
+from vlm.errors import VLMConfigError
+from vlm.models.pali import PaLI, PaLIConfig, PaLICore, PaLIPrompts, parse_detections
+from vlm.objectives.base import StepCache
+
+VISION = {"model": "vit_tiny_patch16_224",
+          "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
+T5 = {"model_type": "t5", "d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2,
+      "d_kv": 16, "dropout_rate": 0.0}
+NUM_PATCHES = (32 // 8) ** 2
+
+
+def make_model(seed=0, **kw) -> PaLI:
+    torch.manual_seed(seed)
+    return PaLI(size=None, vision=dict(VISION), lm={"kind": "seq2seq", "config": dict(T5)}, tokenizer="synthetic",
+                generation={"max_new_tokens": 6}, **kw)
+
+
+def batch_of(task="vqa", n=3, stream="vqa", **kw):
+    tf = PrefixLMTransform(tokenizer="synthetic", task=task, image_size=32, max_length=24, target_max_length=32, **kw)
+    ds = SyntheticPairs(split="train", num=20, image_size=32)
+    b = collate([tf(ds[i]) for i in range(n)])
+    b["stream"] = stream
+    return b
+
+
+def plain_t5(core: PaLICore):
+    """A T5ForConditionalGeneration built by hand from the same shape, carrying the core's LM weights."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = core.tokenizer
+    cfg = T5Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id,
+                   **{k: v for k, v in T5.items() if k != "model_type"})
+    ref = T5ForConditionalGeneration(cfg)
+    ref.load_state_dict(core.lm.state_dict())
+    return ref.eval()
+
+
+def hand_encoder_input(core: PaLICore, b):
+    """cat([proj(ViT patch features), embed(ids)]) and its mask, from the timm model and raw weights."""
+    vit = core.vision.model
+    with torch.no_grad():
+        patches = vit.forward_features(b["pixel_values"])[:, vit.num_prefix_tokens:]
+    images = patches @ core.proj.weight.T + core.proj.bias
+    text = core.lm.shared.weight[b["input_ids"]]
+    mask = torch.cat([torch.ones(b["input_ids"].shape[0], patches.shape[1], dtype=torch.long), b["attention_mask"]], 1)
+    return torch.cat([images, text], 1), mask
+
+
+def test_image_tokens_are_prepended_to_the_prompt_of_a_plain_t5():
+    model = make_model().eval()
+    core = model.core
+    b = batch_of()
+    embeds, mask = core.encode(b["pixel_values"], b["input_ids"], b["attention_mask"])
+    want_embeds, want_mask = hand_encoder_input(core, b)
+    assert embeds.shape == (3, NUM_PATCHES + b["input_ids"].shape[1], 32)
+    assert torch.allclose(embeds, want_embeds, atol=1e-6) and torch.equal(mask, want_mask)
+
+    ref = plain_t5(core)
+    with torch.no_grad():
+        got = core(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"]).logits
+        want = ref(inputs_embeds=want_embeds, attention_mask=want_mask, labels=b["labels"]).logits
+        # the image matters: another image gives other logits
+        other = core(b["pixel_values"].flip(0), b["input_ids"], b["attention_mask"], labels=b["labels"]).logits
+    assert got.shape == (3, b["labels"].shape[1], len(core.tokenizer))
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, other, atol=1e-4)
+
+
+def test_frozen_vit_gets_no_gradient_and_stays_in_eval_mode_while_projection_and_lm_train():
+    model = make_model()
+    model.train()
+    core = model.core
+    assert not core.vision.training and not any(m.training for m in core.vision.modules())
+    assert core.proj.training and core.lm.training
+    assert not any(p.requires_grad for p in core.vision.parameters())
+    seen = {}
+    hook = core.vision.model.norm.register_forward_hook(
+        lambda m, args, out: seen.update(grad_enabled=torch.is_grad_enabled(), requires_grad=out.requires_grad))
+    b = batch_of()
+    loss, _ = model.compute_losses(b)
+    loss.backward()
+    hook.remove()
+    assert seen == {"grad_enabled": False, "requires_grad": False}  # no autograd graph through the tower
+    assert all(p.grad is None for p in core.vision.parameters())
+    assert core.proj.weight.grad is not None and core.proj.weight.grad.abs().sum() > 0
+    lm_grads = [p.grad for p in core.lm.parameters()]
+    assert all(g is not None for g in lm_grads) and core.lm.shared.weight.grad.abs().sum() > 0
+    optimised = {id(p) for g in model.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in core.vision.parameters()}
+    assert {id(p) for p in core.proj.parameters()} <= optimised and {id(p) for p in core.lm.parameters()} <= optimised
+
+
+def greedy_without_cache(core: PaLICore, b, steps: int) -> torch.Tensor:
+    embeds, mask = hand_encoder_input(core, b)
+    ref = plain_t5(core)
+    dec = torch.full((embeds.shape[0], 1), core.tokenizer.pad_token_id, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = ref(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+            dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return dec[:, 1:]
+
+
+def varied(model: PaLI) -> PaLI:
+    """Larger random weights than T5's init, so greedy decoding does not repeat one token."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.core.lm.named_parameters():
+            if "layer_norm" not in name:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def test_cached_generation_equals_a_greedy_loop_without_cache_and_batching_changes_nothing():
+    model = varied(make_model()).eval()
+    torch.manual_seed(0)
+    b = batch_of(task="caption,vqa,vqg,ocr", lang="all", train=True, n=4)
+    lengths = b["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1, "prompts of different lengths: padding is exercised"
+    got = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=None, max_new_tokens=6)
+    want = greedy_without_cache(model.core, b, 6)
+    assert torch.equal(got, want)
+    assert len(set(got.flatten().tolist())) > 2, "decoding exercised more than a repeated token"
+
+    for kwargs in ({"num_beams": 1}, {"num_beams": 3}):
+        batched = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=None,
+                                 max_new_tokens=6, **kwargs)
+        for i in range(4):
+            n = int(lengths[i])
+            single = model.generate(b["pixel_values"][i:i + 1], b["input_ids"][i:i + 1, :n],
+                                    b["attention_mask"][i:i + 1, :n], eos_token_id=None, max_new_tokens=6, **kwargs)
+            assert torch.equal(batched[i:i + 1], single), (kwargs, i)
+    beams = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=None,
+                           max_new_tokens=6, num_beams=3)
+    beams_uncached = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=None,
+                                    max_new_tokens=6, num_beams=3, use_cache=False)
+    assert beams.shape == (4, 6) and torch.equal(beams, beams_uncached)
+    # beam search finds a sequence at least as likely as greedy's
+    assert (sequence_logp(model, b, beams) >= sequence_logp(model, b, got) - 1e-4).all()
+
+
+def sequence_logp(model: PaLI, b, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model.core(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=tokens).logits
+    return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1).sum(1)
+
+
+def test_generation_stops_at_eos_and_decode_cuts_there():
+    model = varied(make_model()).eval()
+    b = batch_of(n=3)
+    eos = model.tokenizer.eos_token_id
+    free = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=None,
+                          max_new_tokens=6)
+    stop = int(free[0, 1])  # make row 0's second token the end token
+    out = model.generate(b["pixel_values"], b["input_ids"], b["attention_mask"], eos_token_id=stop, max_new_tokens=6)
+    assert int(out[0, 1]) == stop and (out[0, 2:] == model.tokenizer.pad_token_id).all()
+    assert eos in model.stop_token_ids() and model.tokenizer.pad_token_id in model.stop_token_ids()
+    text = model.decode(torch.tensor([[free[0, 0].item(), eos, free[0, 2].item()]]))[0]
+    assert text == model.tokenizer.decode([int(free[0, 0])], skip_special_tokens=True).strip()
+
+
+def test_loss_equals_cross_entropy_over_the_target_tokens_by_hand():
+    model = make_model().eval()
+    b = batch_of(task="caption", stream="alt_text")
+    loss, logs = model.compute_losses(b)
+    labels = b["labels"]
+    embeds, mask = hand_encoder_input(model.core, b)
+    start = torch.full((labels.shape[0], 1), model.tokenizer.pad_token_id, dtype=torch.long)
+    decoder_in = torch.cat([start, labels[:, :-1]], 1)
+    decoder_in = decoder_in.masked_fill(decoder_in == -100, model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = plain_t5(model.core)(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_in).logits
+    keep = labels != -100
+    want = F.cross_entropy(logits[keep], labels[keep])
+    assert keep.sum() > 10 and torch.allclose(loss, want, atol=1e-5)
+    assert torch.allclose(logs["alt_text/caption/loss"], want, atol=1e-5)
+    got_logits, got_labels = model.lm_logits(b, StepCache())
+    assert got_labels is b["labels"] and got_logits.shape[:2] == labels.shape  # no causal shift
+
+
+def test_detection_round_trip_and_garbage_parses_to_nothing():
+    gen = torch.Generator().manual_seed(0)
+    truth = []
+    for i in range(5):
+        x = torch.rand(2, generator=gen).sort().values.tolist()
+        y = torch.rand(2, generator=gen).sort().values.tolist()
+        truth.append(([x[0], y[0], x[1], y[1]], f"label {i}"))
+    truth.append(([0.0, 0.0, 1.0, 1.0], "whole image"))
+    text = " ; ".join(f"{box_to_loc_string(box)} {label}" for box, label in truth)
+    parsed = parse_detections(text)
+    assert [label for _, label in parsed] == [label for _, label in truth]
+    for (box, _), (want, _) in zip(parsed, truth):
+        assert all(abs(a - w) <= 1 / 1024 for a, w in zip(box, want)), (box, want)
+    # the synthetic world's detection targets parse back to its boxes
+    sample = SyntheticPairs(split="train", num=3, image_size=32)[2]
+    boxes = [box for box, _ in parse_detections(sample["detection_target"])]
+    assert len(boxes) == len(sample["boxes"])
+    for box, want in zip(boxes, sample["boxes"]):
+        assert all(abs(a - w) <= 1 / 1024 for a, w in zip(box, want))
+    for garbage in ("", "a red circle", "<loc0001><loc0002> circle", "<loc12345><loc1><loc2><loc3> x", ";;;",
+                    None, 42, b"<loc0001>", ["<loc0001>"]):
+        assert parse_detections(garbage) == [], garbage
+
+
+def test_a_tokenizer_or_image_size_that_does_not_fit_is_one_clear_error():
+    model = make_model()
+
+    class S:
+        def __init__(self, **kw):
+            self.transform = PrefixLMTransform(**{"tokenizer": "synthetic", "image_size": 32, **kw})
+
+    model.check_inputs({"streams.vqa": S()})  # the model's own tokenizer and image size pass
+    with pytest.raises(VLMConfigError, match="tokenizer='minilm'.*model's tokenizer"):
+        model.check_inputs({"streams.vqa": S(tokenizer="minilm")})
+    with pytest.raises(VLMConfigError, match="image_size=64.*32px"):
+        model.check_inputs({"streams.vqa": S(image_size=64)})
+    with pytest.raises(VLMConfigError, match="embedding table"):
+        PaLICore(PaLIConfig(vision=dict(VISION), lm={"kind": "seq2seq", "config": {**T5, "vocab_size": 100}}))
+    with pytest.raises(VLMConfigError, match="seq2seq"):
+        PaLIConfig.named("tiny", {"lm": {"kind": "causal"}})
+    with pytest.raises(VLMConfigError, match="Unknown PaLI"):
+        PaLIConfig.named("huge")
+
+
+def test_lm_table_is_resized_to_the_tokenizer_with_location_tokens():
+    base = len(load_tokenizer("synthetic"))
+    torch.manual_seed(0)
+    core = PaLICore(PaLIConfig(vision=dict(VISION), lm={"kind": "seq2seq", "config": {**T5, "vocab_size": base}}))
+    assert len(core.tokenizer) == base + 1024 == core.vocab_size
+    assert core.lm.get_output_embeddings().weight.shape[0] == base + 1024
+    assert core.tokenizer.convert_tokens_to_ids("<loc0000>") == base
+    tiny = PaLIConfig.named("tiny")
+    assert tiny.lm["kind"] == "seq2seq" and tiny.freeze_vision and tiny.lm["config"]["d_model"] == 128
+    assert PaLIConfig.named("base").lm["config"]["vocab_size"] == 32128
+
+
+def test_prompt_streams_score_vqa_and_predict_through_the_base():
+    model = make_model().eval()
+    tf = PaLIPrompts(tokenizer="synthetic", task="vqa", image_size=32, max_length=24)
+    ds = SyntheticVQA(split="val", num=4, image_size=32)
+    b = collate([tf(ds[i]) for i in range(4)])
+    b["stream"] = "vqa_answers"
+    assert b["task"] == ["vqa"] * 4 and b["answers"][0] == ds[0]["answers"]
+    model._eval_sums = {}
+    model.validation_step(b)
+    total, count = model._eval_sums["val/vqa_answers/vqa_accuracy"]
+    assert count == 4 and 0 <= float(total) <= 4
+    rows = model.predict_step(b)
+    assert [r["key"] for r in rows] == b["key"] and all(isinstance(r["prediction"], str) for r in rows)
