@@ -292,3 +292,19 @@ def test_open_flamingo_checkpoint_loads_into_the_core(tmp_path):
     bad = make_core("gpt2", num_latents=5)
     with pytest.raises(VLMConfigError, match="shape"):
         load_flamingo_weights(bad, path)
+
+
+def test_video_frames_go_through_the_resampler_with_frame_embeddings():
+    """[B, M, F, 3, H, W]: each medium's frames are resampled together into one set of latents, and the frame
+    embeddings make the order of frames matter."""
+    core = make_core("gpt2", max_num_frames=3)
+    video = torch.randn(2, 1, 3, 3, 32, 32)
+    with torch.no_grad():
+        core.resampler.frame_embs.normal_()
+        latents = core.encode_media(video, torch.ones(2, 1, dtype=torch.bool))
+        swapped = core.encode_media(video[:, :, [2, 1, 0]], torch.ones(2, 1, dtype=torch.bool))
+        one_frame = core.encode_media(video[:, :, :1], torch.ones(2, 1, dtype=torch.bool))
+    assert latents.shape == (2, 1, core.cfg.num_latents, core.vision.hidden_size)
+    assert not torch.allclose(latents, swapped) and not torch.allclose(latents, one_frame)
+    with pytest.raises(VLMConfigError):
+        core.encode_media(torch.randn(1, 1, 4, 3, 32, 32))  # more frames than the frame table
