@@ -44,6 +44,7 @@ bench: $(STAMP) ## speed/memory harnesses (CPU here; pass ARGS="--device cuda --
 	$(PY) benchmarks/contrastive.py $(ARGS)
 	$(PY) benchmarks/flava.py $(ARGS)
 	$(PY) benchmarks/flamingo.py $(ARGS)
+	$(PY) benchmarks/pali.py $(ARGS)
 
 bench-gpu: $(STAMP) ## FLAVA-base on a GPU: eager vs HF, compiled step, real vlm fit on the gpu/ddp/fsdp presets (<9 min)
 	PYTHON=$(PY) bash benchmarks/gpu_session.sh

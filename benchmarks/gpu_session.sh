@@ -15,6 +15,9 @@
 # Row `flamingo` (on request: bash benchmarks/gpu_session.sh flamingo): benchmarks/flamingo.py, vlm's Flamingo vs
 # open_flamingo at base size (ViT-L/14 + OPT-1.3B shape), pairs and interleaved; needs open_flamingo, einops and
 # einops_exts importable (make install adds them with --no-deps), else it times vlm and reports the error.
+# Row `pali` (on request: bash benchmarks/gpu_session.sh pali): benchmarks/pali.py, vlm's PaLI vs the naive
+# timm ViT -> Linear -> T5ForConditionalGeneration step at base size (ViT-B/16 + T5-base shape, batch 64), eager,
+# then vlm with `--compile step` against the same naive baseline; MFU and the verdict (>= 35%, >= 2.4x).
 set -u
 py=${PYTHON:-python3}
 out=${OUT:-benchmarks/out}
@@ -42,6 +45,16 @@ flamingo() {  # vlm's Flamingo vs open_flamingo, base size, one model at a time 
         | grep -v -e Warning -e warn -e '^W[0-9]' -e 'output = func' || echo "   (flamingo: no result within ${limit}s or failed)"
 }
 
+pali() {  # vlm's PaLI vs the hand-written step, base size, one model at a time (each peak is its own)
+    local limit=$1
+    for compile in none step; do
+        echo "== pali: benchmarks/pali.py --device cuda --size base --compile $compile"
+        timeout "$((limit / 2))" "$py" benchmarks/pali.py --device cuda --size base --compile "$compile" \
+            --json "$out/pali_$compile.json" 2>&1 | grep -v -e Warning -e warn -e '^W[0-9]' \
+            || echo "   (pali --compile $compile: no result within $((limit / 2))s or failed)"
+    done
+}
+
 tok=${TOKENIZER:-minilm}
 fit_args=(--config conf/flava/base.yaml --model.init_args.image_codebook=null --model.init_args.compile=false
           --model.init_args.tokenizer="$tok" --data.init_args.batch_size="$batch"
@@ -60,7 +73,7 @@ fit() {  # the real `vlm fit` on a preset: time to first step, steady samples/s,
 
 # name, time limit (s), arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
 declare -A limit=([eager_vs_hf]=120 [step]=150 [fit_gpu]=100 [ddp1]=70 [fsdp1]=80 [step_cudagraphs]=170
-                  [towers]=150 [flamingo]=240)
+                  [towers]=150 [flamingo]=240 [pali]=300)
 declare -A extra=([eager_vs_hf]="" [step]="--compile step --skip-hf"
                   [step_cudagraphs]="--compile step --compile-mode reduce-overhead --skip-hf"
                   [towers]="--compile towers --skip-hf")
@@ -71,6 +84,8 @@ for name in "${rows[@]}"; do
     [ -n "${limit[$name]+x}" ] || { echo "unknown row '$name': use ${!limit[*]}"; exit 2; }
     if [ "$name" = flamingo ]; then
         flamingo "${limit[$name]}"
+    elif [ "$name" = pali ]; then
+        pali "${limit[$name]}"
     elif [ -n "${preset[$name]+x}" ]; then
         fit "$name" "${limit[$name]}" "${preset[$name]}" --trainer.devices=1
     else

@@ -33,3 +33,24 @@ def test_flamingo_benchmark_runs_tiny_on_cpu(tmp_path):
             assert res["comparison"][shape]["speedup"] > 0
         assert "speed target" in res["verdict"] or "targets" in res["verdict"]
     assert "embedding" in res["note"]
+
+
+def test_pali_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "pali.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/pali.py"), "--device", "cpu", "--size", "tiny", "--batch", "4",
+           "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    ours, naive = res["vlm"], res["naive"]
+    for r in (ours, naive):
+        assert r["samples_per_s"] > 0 and len(r["step_ms_all"]) == 2
+    # the same model and weights on both sides: same parameter counts, same first loss (fp32)
+    assert ours["facts"]["params_m"] == naive["facts"]["params_m"]
+    assert ours["facts"]["trainable_m"] == naive["facts"]["trainable_m"]
+    assert abs(ours["facts"]["first_loss"] - naive["facts"]["first_loss"]) < 1e-4
+    flops = res["flops"]
+    assert flops["total"] == flops["trained_fwd_bwd"] + flops["frozen_vit_fwd"] > 0
+    assert flops["encoder_tokens"] == 64 + 16 and flops["decoder_tokens"] == 16
+    assert res["speedup"] > 0 and "CPU target" in res["verdict"] and "mfu" not in ours
