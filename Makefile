@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-flamingo test test-fast lint bench bench-gpu train debug overfit clean
+.PHONY: help install demo demo-flamingo demo-pali test test-fast lint bench bench-gpu train debug overfit clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ demo: $(STAMP) ## pretrain tiny FLAVA on the synthetic world on CPU, then print 
 
 demo-flamingo: $(STAMP) ## train tiny Flamingo on the synthetic world on CPU, then print held-out 0/4-shot VQA and captioning
 	$(PY) -m vlm.demo_flamingo
+
+demo-pali: $(STAMP) ## train tiny PaLI on the synthetic task mixture on CPU, then print held-out VQA, detection and captioning
+	$(PY) -m vlm.demo_pali
 
 test: $(STAMP) ## run the whole test suite (CPU, offline)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests

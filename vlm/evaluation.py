@@ -104,3 +104,41 @@ def evaluate_fewshot(model, queries, transform: Callable, batch_size: int = 50) 
     else:
         score = sum(vqa_accuracy(r["prediction"], r["references"]) for r in rows) / max(1, len(rows))
     return float(score), rows
+
+
+def evaluate_prompts(model, queries, transform: Callable, batch_size: int = 50,
+                     **generate_kwargs) -> tuple[float | None, list[dict]]:
+    """Generate for every query prompt of a single-image prefix-LM transform (``vlm.models.pali.PaLIPrompts``, or
+    any transform giving ``pixel_values``/``input_ids``/``attention_mask``) and score it when it has references.
+
+    Returns (VQA accuracy or CIDEr-D by the batch's ``task``, None without references; one dict per query with its
+    key, prompt, prediction and references). ``generate_kwargs`` go to ``model.generate`` (``max_new_tokens``).
+    """
+    from vlm.metrics.captioning import cider
+    from vlm.metrics.vqa import vqa_accuracy
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[dict] = []
+    task = None
+    for start in range(0, len(queries), batch_size):
+        batch = collate([transform(queries[i]) for i in range(start, min(len(queries), start + batch_size))])
+        pixels = batch.get("pixel_values")
+        with torch.no_grad():
+            preds = model.decode(model.generate(None if pixels is None else pixels.to(device),
+                                                batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                                **generate_kwargs))
+        refs = batch.get("answers") or [None] * len(preds)
+        keys = batch.get("key") or [None] * len(preds)
+        task = batch.get("task", [task])[0] if batch.get("task") else task
+        rows += [{"key": k, "prompt": t, "prediction": p, "references": r}
+                 for k, t, p, r in zip(keys, batch["text"], preds, refs)]
+    model.train(was_training)
+    if not rows or rows[0]["references"] is None:
+        return None, rows
+    if task == "captioning":
+        score = cider([r["prediction"] for r in rows], [r["references"] for r in rows])
+    else:
+        score = sum(vqa_accuracy(r["prediction"], r["references"]) for r in rows) / len(rows)
+    return float(score), rows

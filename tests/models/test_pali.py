@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vlm.data.collate import collate
-from vlm.data.synthetic import SyntheticPairs, SyntheticVQA
+from vlm.data.pali_tasks import SENTINEL_TOKENS, SpanCorruptionTransform
+from vlm.data.synthetic import SHAPES, SyntheticPairs, SyntheticText, SyntheticVQA
 from vlm.data.tokenizers import box_to_loc_string, load_tokenizer
 from vlm.data.transforms import PrefixLMTransform
 from vlm.errors import VLMConfigError
@@ -241,9 +242,10 @@ def test_lm_table_is_resized_to_the_tokenizer_with_location_tokens():
     base = len(load_tokenizer("synthetic"))
     torch.manual_seed(0)
     core = PaLICore(PaLIConfig(vision=dict(VISION), lm={"kind": "seq2seq", "config": {**T5, "vocab_size": base}}))
-    assert len(core.tokenizer) == base + 1024 == core.vocab_size
-    assert core.lm.get_output_embeddings().weight.shape[0] == base + 1024
+    assert len(core.tokenizer) == base + 1024 + 100 == core.vocab_size
+    assert core.lm.get_output_embeddings().weight.shape[0] == base + 1124
     assert core.tokenizer.convert_tokens_to_ids("<loc0000>") == base
+    assert core.tokenizer.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [base + 1024, base + 1123]
     tiny = PaLIConfig.named("tiny")
     assert tiny.lm["kind"] == "seq2seq" and tiny.freeze_vision and tiny.lm["config"]["d_model"] == 128
     assert PaLIConfig.named("base").lm["config"]["vocab_size"] == 32128
@@ -262,3 +264,87 @@ def test_prompt_streams_score_vqa_and_predict_through_the_base():
     assert count == 4 and 0 <= float(total) <= 4
     rows = model.predict_step(b)
     assert [r["key"] for r in rows] == b["key"] and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def span_batch(n=4, train=False):
+    tf = SpanCorruptionTransform(tokenizer="synthetic", max_length=48, target_max_length=24, train=train)
+    ds = SyntheticText(split="train", num=20, lang="all")
+    b = collate([tf(ds[i]) for i in range(n)])
+    b["stream"] = "text_span"
+    return b, tf, ds
+
+
+def test_span_corruption_stream_has_no_image_and_inputs_plus_targets_rebuild_the_text():
+    b, tf, ds = span_batch()
+    assert "pixel_values" not in b
+    tok = tf.tokenizer
+    model = make_model()
+    model.check_inputs({"streams.text_span": type("S", (), {"transform": tf})()})  # sentinel ids agree
+    sentinels = set(tok.convert_tokens_to_ids(list(SENTINEL_TOKENS)))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    for i in range(b["input_ids"].shape[0]):
+        enc = [t for t in b["input_ids"][i].tolist() if t != pad]
+        dec = [t for t in b["labels"][i].tolist() if t != -100]
+        assert enc[-1] == eos and dec[-1] == eos and dec[0] in sentinels
+        spans, cur = {}, None
+        for t in dec[:-1]:
+            if t in sentinels:
+                cur = t
+                spans[cur] = []
+            else:
+                spans[cur].append(t)
+        rebuilt = [x for t in enc[:-1] for x in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == tok(ds[i]["text"], add_special_tokens=False)["input_ids"]
+        assert 0 < sum(map(len, spans.values())) < len(rebuilt)
+    again, _, _ = span_batch()
+    assert torch.equal(again["input_ids"], b["input_ids"])  # evaluation spans are fixed by the sample
+
+
+def test_text_only_batch_is_the_prompt_alone_through_a_plain_t5_and_trains_the_lm_only():
+    model = make_model()
+    b, _, _ = span_batch()
+    core = model.core
+    embeds, mask = core.encode(None, b["input_ids"], b["attention_mask"])
+    assert torch.equal(embeds, core.lm.shared.weight[b["input_ids"]]) and torch.equal(mask, b["attention_mask"])
+    with torch.no_grad():
+        got = core(None, b["input_ids"], b["attention_mask"], labels=b["labels"]).logits
+        want = plain_t5(core)(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    model.train()
+    loss, logs = model.compute_losses(b)
+    assert torch.isfinite(loss) and "text_span/caption/loss" in logs
+    loss.backward()
+    assert core.proj.weight.grad is None and core.lm.shared.weight.grad.abs().sum() > 0
+    out = model.generate(None, b["input_ids"], b["attention_mask"], max_new_tokens=3)
+    assert out.shape[0] == b["input_ids"].shape[0] and out.shape[1] <= 3
+
+
+def test_object_aware_vqa_asks_about_each_shape_and_answers_from_the_scene():
+    tf = PrefixLMTransform(tokenizer="synthetic", task="object_qa", lang="en", image_size=32, train=True)
+    ds = SyntheticPairs(split="train", num=30, image_size=32)
+    torch.manual_seed(0)
+    asked = set()
+    for i in range(30):
+        s = ds[i]
+        prompt, answer = tf.prompt_and_target(s)
+        shape = next(sh for sh in SHAPES if f"is there a {sh} in the image?" in prompt)
+        assert prompt.startswith("Answer in EN: ")
+        assert answer == ("yes" if shape in {o["shape"] for o in s["objects"]} else "no")
+        asked.add(shape)
+    assert asked == set(SHAPES)
+    assert "pixel_values" in tf(ds[0]) and tf(ds[0])["labels"][0] != -100
+
+
+def test_image_pos_embed_adds_a_fixed_sincos_grid_to_the_image_tokens():
+    from vlm.models.pali import sincos_2d
+
+    table = sincos_2d(16, 32)
+    assert table.shape == (16, 32) and float(table.abs().max()) <= 1.0
+    assert torch.cdist(table, table).add(torch.eye(16) * 10).min() > 0.1  # every patch gets its own row
+    assert torch.allclose(table[1, :8], table[0, :8]) and not torch.allclose(table[4, :8], table[0, :8])  # y: rows
+    b = batch_of()
+    plain, placed = make_model(), make_model(image_pos_embed=True)
+    assert placed.config.image_pos_embed and not plain.config.image_pos_embed
+    with torch.no_grad():
+        got = placed.core.image_tokens(b["pixel_values"]) - plain.core.image_tokens(b["pixel_values"])
+    assert torch.allclose(got, table.expand(3, -1, -1), atol=1e-5)

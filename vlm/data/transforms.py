@@ -29,7 +29,7 @@ from vlm.objectives.captioning import flamingo_labels
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LANG_NAMES = {"en": "EN", "fr": "FR", "de": "DE", "es": "ES"}
-PALI_TASKS = ("caption", "vqa", "vqg", "ocr", "detection")
+PALI_TASKS = ("caption", "vqa", "vqg", "object_qa", "ocr", "detection")
 
 
 def skips_bad_samples(call: Callable) -> Callable:
@@ -351,8 +351,9 @@ class InterleavedTransform(_Tokenized):
 class PrefixLMTransform(_Tokenized):
     """PaLI-style sample: image + text prompt for the encoder, target text as decoder ``labels``.
 
-    ``task`` is one of 'caption', 'vqa', 'vqg', 'ocr', 'detection', or several comma-separated (one drawn per
-    sample). Given ``prompt_field`` and ``target_field``, the prompt and target are read from those fields
+    ``task`` is one of 'caption', 'vqa', 'vqg', 'object_qa', 'ocr', 'detection', or several comma-separated (one
+    drawn per sample). 'object_qa' is PaLI's object-aware VQA: a question from the sample's ``object_qa`` list
+    ("is there a circle in the image?" -> yes / no) in the ``Answer in EN: ...`` prompt. Given ``prompt_field`` and ``target_field``, the prompt and target are read from those fields
     instead. The tokenizer always gets the 1024 ``<locNNNN>`` tokens, so the vocabulary is the same for
     every task mixture.
     """
@@ -417,6 +418,12 @@ class PrefixLMTransform(_Tokenized):
             if task == "vqa":
                 return f"Answer in {code}: {q}", a
             return f"Generate a question in {code} for {a}", q
+        if task == "object_qa":
+            pool = [x for x in sample["object_qa"] if x.get("lang") == lang]
+            if not pool:
+                raise CorruptSample(f"no object-aware question in {lang!r}", missing_field="object_qa")
+            qa = pool[self._choice(len(pool))]
+            return f"Answer in {code}: {qa['question']}", qa["answer"]
         if task == "ocr":
             return "Generate the OCR text", sample.get("ocr_text", "")
         from vlm.data.synthetic import CLASS_NAMES

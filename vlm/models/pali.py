@@ -11,8 +11,10 @@ Two layers, as every model family here:
   for the shared captioning objective (decoder targets in ``labels``), ``generate`` for inference, and through
   the base ``predict_step`` and prompt-stream evaluation (VQA accuracy, CIDEr) for :class:`PaLIPrompts`.
 
-The 1024 location tokens ``<loc0000>`` .. ``<loc1023>`` are added to the tokenizer; PaLI trains the whole LM,
-so its embedding table (and output head) is resized to the tokenizer where it is too small.
+The 1024 location tokens ``<loc0000>`` .. ``<loc1023>`` and then T5's 100 span-corruption sentinels
+``<extra_id_0>`` .. ``<extra_id_99>`` (where the tokenizer lacks them) are added to the tokenizer; PaLI trains the
+whole LM, so its embedding table (and output head) is resized to the tokenizer where it is too small. A batch
+without ``pixel_values`` (the text-only span-corruption stream) is encoded as text alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.checkpoint import keep_plain_hparams
+from vlm.data.pali_tasks import SENTINEL_TOKENS
 from vlm.data.tokenizers import (
     LOC_TOKENS_ALIAS,
     NUM_LOC_BINS,
@@ -41,9 +44,10 @@ from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
 from vlm.objectives.base import Objective, StepCache
 
-#: the training streams of the PaLI mixture in ``conf/pali/tiny.yaml`` (one ``PrefixLMTransform`` task each),
-#: all trained with the captioning LM loss on the decoder targets.
-PALI_STREAMS: tuple[str, ...] = ("alt_text", "captions_multilingual", "ocr", "vqa", "vqg", "detection")
+#: the training streams of the PaLI mixture in ``conf/pali/tiny.yaml`` (one ``PrefixLMTransform`` task each, and
+#: ``text_span``: span corruption on text alone), all trained with the captioning LM loss on the decoder targets.
+PALI_STREAMS: tuple[str, ...] = ("alt_text", "captions_multilingual", "ocr", "vqa", "vqg", "object_qa", "detection",
+                                 "text_span")
 DEFAULT_STREAMS: dict[str, dict[str, float]] = {name: {"caption": 1.0} for name in PALI_STREAMS}
 
 #: named sizes. ``tiny``: CPU tests and the demo (random init); ``base``: ViT-B/16 + a T5-base-shaped
@@ -92,15 +96,20 @@ class PaLIConfig:
         vision: ``VisionTowerConfig`` fields (any timm model giving patch features).
         lm: ``LMConfig`` fields with ``kind: seq2seq``: ``pretrained`` (hub name or local dir) or ``config``
             (random init; its ``vocab_size`` defaults to the tokenizer's size, location tokens included).
-        tokenizer: 'synthetic', 'minilm', a local directory or a hub name; the 1024 location tokens are added.
+        tokenizer: 'synthetic', 'minilm', a local directory or a hub name; the 1024 location tokens and the 100
+            sentinels are added (in that order; tokens it already has keep their ids).
         freeze_vision: keep the vision tower frozen (no gradients, eval mode, no autograd through it); it decides
             the tower's ``frozen`` whatever ``vision.frozen`` says.
+        image_pos_embed: add a fixed 2-D sine-cosine table (unit amplitude) to the projected image tokens. A
+            randomly initialised ViT's position embeddings are too small to survive its layer norms, so without
+            it the LM cannot tell where a patch is ("what shape is at the top left?"); a pretrained ViT has its own.
     """
 
     vision: dict = field(default_factory=dict)
     lm: dict = field(default_factory=dict)
     tokenizer: str = "synthetic"
     freeze_vision: bool = True
+    image_pos_embed: bool = False
 
     @classmethod
     def named(cls, size: str | None, overrides: Mapping[str, Any] | None = None) -> PaLIConfig:
@@ -130,11 +139,16 @@ class PaLICore(nn.Module):
         super().__init__()
         self.cfg = cfg
         tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        base_tokens = len(tok) - sum(t.startswith("<loc") and t.endswith(">") and len(t) == 9
-                                     for t in tok.get_added_vocab())
+        added = tok.get_added_vocab()
+        locs = [i for t, i in added.items() if t.startswith("<loc") and t.endswith(">") and len(t) == 9]
+        # tokens this class adds (a tokenizer built like the transforms' may have them already) are not the base's
+        ours = locs + [i for t, i in added.items() if t in SENTINEL_TOKENS and locs and i > min(locs)]
+        base_tokens = len(tok) - len(ours)
         add_special_tokens(tok, [LOC_TOKENS_ALIAS])
+        add_special_tokens(tok, list(SENTINEL_TOKENS))  # after the location tokens: their ids stay as without
         self.tokenizer = tok
         self.loc_token_ids = tok.convert_tokens_to_ids(["<loc0000>", f"<loc{NUM_LOC_BINS - 1:04d}>"])
+        self.sentinel_token_ids = tok.convert_tokens_to_ids([SENTINEL_TOKENS[0], SENTINEL_TOKENS[-1]])
 
         lm_cfg = LMConfig.from_any(dict(cfg.lm))
         specials = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
@@ -190,24 +204,30 @@ class PaLICore(nn.Module):
             raise VLMConfigError(f"PaLI takes one image per sample: pixel_values [B,3,H,W], got "
                                  f"{tuple(pixel_values.shape)}.")
         feats = self.vision(pixel_values)
-        return self.proj(feats.to(self.proj.weight.dtype))
+        tokens = self.proj(feats.to(self.proj.weight.dtype))
+        if self.cfg.image_pos_embed:
+            tokens = tokens + sincos_2d(tokens.shape[1], tokens.shape[2]).to(tokens)
+        return tokens
 
-    def encode(self, pixel_values: Tensor, input_ids: Tensor,
+    def encode(self, pixel_values: Tensor | None, input_ids: Tensor,
                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The encoder's input: ``cat([image tokens, prompt embeddings])`` ``[B,P+T,D]`` and its mask ``[B,P+T]``."""
-        images = self.image_tokens(pixel_values)
+        """The encoder's input: ``cat([image tokens, prompt embeddings])`` ``[B,P+T,D]`` and its mask ``[B,P+T]``;
+        without ``pixel_values`` (text-only samples) the prompt embeddings ``[B,T,D]`` alone."""
         text = self.lm.get_input_embeddings()(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if pixel_values is None:
+            return text, attention_mask
+        images = self.image_tokens(pixel_values)
         mask = torch.cat([attention_mask.new_ones(images.shape[:2]), attention_mask], 1)
         return torch.cat([images.to(text.dtype), text], 1), mask
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+    def forward(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None, **lm_kwargs: Any):
         """The seq2seq LM's output (``.logits [B,T,V]`` over the decoder positions).
 
-        With ``labels`` (-100 = no target) and no ``decoder_input_ids`` the decoder reads the labels shifted right
+        ``pixel_values=None``: a text-only batch (no image tokens). With ``labels`` (-100 = no target) and no ``decoder_input_ids`` the decoder reads the labels shifted right
         (the LM's own rule); no loss is computed here, the objectives do that.
         """
         embeds, mask = self.encode(pixel_values, input_ids, attention_mask)
@@ -221,6 +241,22 @@ class PaLICore(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The parameters that train (projection and LM unless frozen by hand)."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+
+def sincos_2d(num_patches: int, dim: int) -> Tensor:
+    """``[P, dim]`` sine-cosine position table of a square grid of ``P`` patches (row-major); a 1-D table when
+    ``P`` is not a square. A quarter of the channels each: sin(y), cos(y), sin(x), cos(x) over geometric
+    frequencies; the channels left over are 0."""
+    side = int(round(num_patches ** 0.5))
+    idx = torch.arange(num_patches, dtype=torch.float64)
+    y, x = (idx // side, idx % side) if side * side == num_patches else (idx, idx)
+    q = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float64) / max(1, q)))
+    table = torch.zeros(num_patches, dim, dtype=torch.float64)
+    for k, pos in enumerate((y, y, x, x)):
+        angle = pos[:, None] * freq[None]
+        table[:, k * q:(k + 1) * q] = torch.sin(angle) if k % 2 == 0 else torch.cos(angle)
+    return table.float()
 
 
 def parse_detections(text: Any) -> list[tuple[list[float], str]]:
@@ -278,7 +314,7 @@ class PaLI(VLMModule):
 
     Args:
         size: a named size of ``SIZES`` ('tiny', 'base') or null; the other arguments override it.
-        vision, lm, tokenizer, freeze_vision: :class:`PaLIConfig` fields.
+        vision, lm, tokenizer, freeze_vision, image_pos_embed: :class:`PaLIConfig` fields.
         config: further :class:`PaLIConfig` fields.
         generation: default ``generate`` arguments (``max_new_tokens``, ``num_beams``, ...).
         objectives, streams: default ``{"caption": CaptioningLM()}`` on the streams of ``PALI_STREAMS``.
@@ -293,6 +329,7 @@ class PaLI(VLMModule):
         lm: dict | None = None,
         tokenizer: str | None = None,
         freeze_vision: bool | None = None,
+        image_pos_embed: bool | None = None,
         config: dict | None = None,
         generation: dict | None = None,
         objectives: Mapping[str, Objective] | None = None,
@@ -307,7 +344,8 @@ class PaLI(VLMModule):
         self.save_hyperparameters()
         keep_plain_hparams(self)
         overrides = dict(config or {})
-        for k, v in (("vision", vision), ("lm", lm), ("tokenizer", tokenizer), ("freeze_vision", freeze_vision)):
+        for k, v in (("vision", vision), ("lm", lm), ("tokenizer", tokenizer), ("freeze_vision", freeze_vision),
+                     ("image_pos_embed", image_pos_embed)):
             if v is not None:
                 overrides[k] = v
         self.config = PaLIConfig.named(size, overrides)
@@ -342,6 +380,10 @@ class PaLI(VLMModule):
                 tok = transform.tokenizer
                 want = self.core.loc_token_ids
                 got = tok.convert_tokens_to_ids(["<loc0000>", f"<loc{NUM_LOC_BINS - 1:04d}>"])
+                sentinels = tok.convert_tokens_to_ids([SENTINEL_TOKENS[0], SENTINEL_TOKENS[-1]])
+                if SENTINEL_TOKENS[0] in tok.get_vocab() and list(sentinels) != list(self.core.sentinel_token_ids):
+                    got = [*got, *sentinels]  # a transform that uses sentinels must number them as the model does
+                    want = [*want, *self.core.sentinel_token_ids]
                 if len(tok) > self.core.vocab_size or list(got) != list(want):
                     raise VLMConfigError(
                         f"{where}.tokenizer={transform.tokenizer_source!r} ({len(tok)} tokens, <loc0000> id {got[0]}) "
@@ -361,8 +403,7 @@ class PaLI(VLMModule):
 
         def compute():
             labels = self._field(batch, "labels", "the captioning LM loss")
-            out = self.core(self._field(batch, "pixel_values", "the captioning LM loss"),
-                            self._field(batch, "input_ids", "the captioning LM loss"), batch.get("attention_mask"),
+            out = self.core(batch.get("pixel_values"), self._field(batch, "input_ids", "the captioning LM loss"), batch.get("attention_mask"),
                             labels=labels, decoder_attention_mask=batch.get("decoder_attention_mask"))
             return out.logits, labels
 
@@ -370,15 +411,14 @@ class PaLI(VLMModule):
 
     # ------------------------------------------------------------------ inference
     def generate_batch(self, batch: Mapping[str, Any]) -> Tensor:
-        return self.generate(self._field(batch, "pixel_values", "generation"),
-                             self._field(batch, "input_ids", "generation"), batch.get("attention_mask"))
+        return self.generate(batch.get("pixel_values"), self._field(batch, "input_ids", "generation"), batch.get("attention_mask"))
 
     def stop_token_ids(self) -> set[int]:
         tok = self.tokenizer
         return {tok.eos_token_id, tok.pad_token_id} - {None}
 
     @torch.no_grad()
-    def generate(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+    def generate(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor | None = None,
                  **kwargs: Any) -> Tensor:
         """Decode answers for image + prompt with the KV cache; returns the generated tokens only (no start token).
 
