@@ -193,3 +193,59 @@ def test_transforms_pickle_small_and_work_after():
         after = pickle.loads(blob)(dict(x))
         for k, v in before.items():
             assert torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k]
+
+
+def test_hard_negatives_swap_exactly_one_shape_word():
+    from vlm.data.synthetic import SHAPES
+    from vlm.data.transforms import shape_swapped_captions
+
+    t = ImageTextTransform(max_length=48, image_size=32, hard_negatives=2)
+    tok = t.tokenizer
+    for i in range(20):
+        s = make_pair(i, image_size=32)
+        out = t(s)
+        assert out["negative_input_ids"].shape == out["negative_attention_mask"].shape == (2, 48)
+        assert out["negative_mask"].tolist() == [True, True]
+        negs = shape_swapped_captions(s["caption"], s["objects"], 2, s["key"])
+        assert negs == shape_swapped_captions(s["caption"], s["objects"], 2, s["key"])  # seeded by the key
+        assert negs[0] != negs[1]  # distinct swaps first
+        for k, neg in enumerate(negs):
+            a, b = s["caption"].split(" "), neg.split(" ")
+            assert len(a) == len(b)
+            diff = [(x, y) for x, y in zip(a, b) if x != y]
+            assert len(diff) == 1, (s["caption"], neg)
+            old, new = (w.rstrip(",") for w in diff[0])
+            assert old in SHAPES and new in SHAPES and old != new
+            assert old in [o["shape"] for o in s["objects"]]
+            ids = out["negative_input_ids"][k]
+            assert ids.tolist() == tok(neg, padding="max_length", truncation=True, max_length=48)["input_ids"]
+            assert out["negative_attention_mask"][k].tolist() == (ids != tok.pad_token_id).long().tolist()
+    # the article before the swapped word agrees with it; a shape inside a quoted word is never touched
+    objs = [{"shape": "circle"}]
+    assert shape_swapped_captions('A circle with the text "star"', objs, 4, "k") and all(
+        n.endswith('with the text "star"') and n.split(" ")[0] == "A" for n in
+        shape_swapped_captions('A circle with the text "star"', objs, 4, "k"))
+    import vlm.data.transforms as tr
+
+    orig = tr._shape_words
+    tr._shape_words = lambda: ("circle", "oval")
+    try:
+        assert shape_swapped_captions("an oval on the left", [{"shape": "oval"}], 1, "k") == ["a circle on the left"]
+        assert shape_swapped_captions("a circle", [{"shape": "circle"}], 1, "k") == ["an oval"]
+    finally:
+        tr._shape_words = orig
+
+
+def test_hard_negatives_absent_for_real_data_still_collate():
+    t = ImageTextTransform(max_length=16, image_size=32, hard_negatives=1)
+    real = {"image": Image.new("RGB", (32, 32)), "caption": "a photo of a dog", "key": "x"}
+    french = make_pair(1, image_size=32)
+    fr = ImageTextTransform(max_length=64, image_size=32, lang="fr", hard_negatives=1)(french)
+    assert not fr["negative_mask"].any() and not fr["negative_attention_mask"].any()
+    batch = collate([t(real), t(make_pair(0, image_size=32))])
+    assert batch["negative_input_ids"].shape == (2, 1, 16)
+    assert batch["negative_mask"].tolist() == [[False], [True]]
+    assert not batch["negative_attention_mask"][0].any() and batch["negative_attention_mask"][1].any()
+    assert "negative_input_ids" not in ImageTextTransform(max_length=16, image_size=32)(real)
+    with pytest.raises(VLMConfigError, match="hard_negatives"):
+        ImageTextTransform(hard_negatives=-1)

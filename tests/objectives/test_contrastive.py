@@ -189,3 +189,83 @@ def test_mismatched_rows_stay_as_candidates_but_not_queries():
     torch.testing.assert_close(gc.loss_from_features(img, txt, torch.ones(6, dtype=torch.bool)).loss,
                                gc.loss_from_features(img, txt).loss)
     assert dropped.mismatched_as_candidates is False
+
+
+class NegativesModel(FeatureModel):
+    """FeatureModel that also serves hard-negative caption embeddings ``[B,K,E]``."""
+
+    def __init__(self, image, text, negatives, positive=None):
+        super().__init__(image, text, positive)
+        self.negatives = negatives
+
+    def negative_text_embeddings(self, batch, cache):
+        return self.negatives
+
+
+def _negclip_by_hand(img, txt, neg, valid, scale, queries=None):
+    """float64 NegCLIP: image i scores every text and every valid hard negative; text->image plain InfoNCE."""
+    b, k, _ = neg.shape
+    flat, ok = neg.reshape(b * k, -1), valid.reshape(-1)
+    rows = range(b) if queries is None else queries
+    total = 0.0
+    for i in rows:
+        cands = [scale * (img[i] @ txt[j]) for j in range(b)]
+        cands += [scale * (img[i] @ flat[c]) for c in range(b * k) if ok[c]]
+        i2t = torch.logsumexp(torch.stack(cands), 0) - cands[i]
+        col = torch.stack([scale * (img[j] @ txt[i]) for j in range(b)])
+        t2i = torch.logsumexp(col, 0) - col[i]
+        total = total + (i2t + t2i) / 2
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_gc_with_hard_negatives_equals_hand_computation(local_loss):
+    img, txt = features(b=6, e=8, dtype=torch.float64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    neg = F.normalize(torch.randn(6, 2, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
+    valid = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    batch = {"negative_input_ids": torch.zeros(6, 2, 4, dtype=torch.long), "negative_mask": valid}
+    obj = GlobalContrastive(local_loss=local_loss).double()
+    out = obj(NegativesModel(img, txt, neg), batch, StepCache())
+    out.loss.backward()
+    img2, txt2, neg2 = (x.detach().clone().requires_grad_() for x in (img, txt, neg))
+    ref = _negclip_by_hand(img2, txt2, neg2, valid, 1 / 0.07)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(img.grad, img2.grad)
+    torch.testing.assert_close(txt.grad, txt2.grad)
+    torch.testing.assert_close(neg.grad, neg2.grad)
+    assert torch.all(neg.grad[~valid] == 0)
+    # more candidates for image queries only: the loss rises above plain InfoNCE
+    plain = run(GlobalContrastive().double(), img.detach(), txt.detach()).loss
+    assert out.loss > plain
+    sims = (img * txt).sum(-1, keepdim=True).detach()
+    beats = ((sims > (img[:, None] * neg).sum(-1).detach()) & valid).sum() / valid.sum()
+    assert out.metrics["hard_negative_accuracy"].item() == pytest.approx(beats.item())
+    # every negative masked out is plain InfoNCE
+    none = {**batch, "negative_mask": torch.zeros(6, 2, dtype=torch.bool)}
+    torch.testing.assert_close(obj(NegativesModel(img, txt, neg), none, StepCache()).loss, plain)
+
+
+def test_gc_hard_negatives_with_mismatched_rows():
+    img, txt = features(b=5, e=8, dtype=torch.float64, seed=1)
+    neg = F.normalize(torch.randn(5, 1, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64), dim=-1)
+    keep = torch.tensor([True, False, True, True, True])
+    valid = torch.ones(5, 1, dtype=torch.bool)
+    batch = {"negative_input_ids": torch.zeros(5, 1, 3, dtype=torch.long), "negative_mask": valid}
+    scale = 1 / 0.07
+    out = GlobalContrastive().double()(NegativesModel(img, txt, neg, keep), batch, StepCache())
+    torch.testing.assert_close(out.loss, _negclip_by_hand(img, txt, neg, valid, scale, queries=[0, 2, 3, 4]))
+    dropped = GlobalContrastive(mismatched_as_candidates=False).double()
+    out = dropped(NegativesModel(img, txt, neg, keep), batch, StepCache())
+    torch.testing.assert_close(out.loss, _negclip_by_hand(img[keep], txt[keep], neg[keep], valid[keep], scale))
+
+
+def test_gc_without_negatives_field_ignores_the_capability_and_needs_it_with_the_field():
+    img, txt = features(b=4, dtype=torch.float64)
+    neg = torch.zeros(4, 1, 16, dtype=torch.float64)
+    obj = GlobalContrastive().double()
+    torch.testing.assert_close(obj(NegativesModel(img, txt, neg), {}, StepCache()).loss, run(obj, img, txt).loss)
+    assert "hard_negative_accuracy" not in run(obj, img, txt).metrics
+    with pytest.raises(VLMConfigError, match="negative_text_embeddings"):
+        obj(FeatureModel(img, txt), {"negative_input_ids": torch.zeros(4, 1, 3)}, StepCache())

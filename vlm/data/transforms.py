@@ -12,6 +12,9 @@ Over-long text is cut to ``max_length`` tokens, never skipped.
 from __future__ import annotations
 
 import functools
+import random
+import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -180,8 +183,54 @@ def _ids_fields(sample: dict[str, Any], out: dict[str, Any]) -> None:
             out[k] = int(sample[k])
 
 
+def _shape_words() -> tuple[str, ...]:
+    from vlm.data.synthetic import _SHAPE_WORDS
+
+    return tuple(noun for noun, _ in _SHAPE_WORDS["en"].values())
+
+
+def shape_swapped_captions(caption: str, objects: Sequence[Any], k: int, key: Any) -> list[str]:
+    """``k`` hard negatives of an English synthetic-world caption: one shape word swapped for another shape's.
+
+    Each negative changes exactly one shape noun (an object's, never one inside a quoted word) and fixes the
+    article right before it (a/an). Distinct (object, new shape) swaps are drawn first, by a generator seeded
+    from ``key``, so a sample gets the same negatives in every epoch and every worker. Empty when the caption
+    names no shape of ``objects``.
+    """
+    words = _shape_words()
+    shapes = {str(o.get("shape")) for o in objects if isinstance(o, dict)}
+    if not shapes.intersection(words):
+        return []
+    quoted = [m.span() for m in re.finditer(r'"[^"]*"', caption)]
+    spots = [m for m in re.finditer(r"\b(" + "|".join(map(re.escape, words)) + r")\b", caption)
+             if not any(a <= m.start() < b for a, b in quoted)]
+    swaps = [(m, w) for m in spots for w in words if w != m.group(1)]
+    if not swaps:
+        return []
+    rng = random.Random(zlib.crc32(str(key).encode()))
+    picks = rng.sample(swaps, min(k, len(swaps)))
+    picks += [rng.choice(swaps) for _ in range(k - len(picks))]
+    out = []
+    for m, word in picks:
+        head, tail = caption[: m.start()], caption[m.end():]
+        article = re.search(r"\b(a|an|A|An) $", head)
+        if article:
+            a = article.group(1)
+            new = ("an" if word[0] in "aeiou" else "a")
+            head = head[: article.start()] + (new.capitalize() if a[0] == "A" else new) + " "
+        out.append(head + word + tail)
+    return out
+
+
 class ImageTextTransform(_Tokenized):
-    """Image-text pair -> ``pixel_values``, ``input_ids``, ``attention_mask`` (padded), ``pair_id``, ``class_index``, ``text``."""
+    """Image-text pair -> ``pixel_values``, ``input_ids``, ``attention_mask`` (padded), ``pair_id``, ``class_index``, ``text``.
+
+    ``hard_negatives=K > 0`` (NegCLIP-style) adds ``negative_input_ids`` and ``negative_attention_mask``
+    ``[K, max_length]`` and ``negative_mask`` ``bool[K]``: the English caption of a synthetic-world sample
+    (one with ``objects``) with one object's shape word swapped (see :func:`shape_swapped_captions`). A sample
+    without objects, or whose text is not its English caption, gets padding rows with ``negative_mask`` False,
+    so every sample of the stream carries the same fields.
+    """
 
     def __init__(
         self,
@@ -195,10 +244,28 @@ class ImageTextTransform(_Tokenized):
         train: bool = False,
         random_resized_crop: bool = False,
         special_tokens: list[str] | None = None,
+        hard_negatives: int = 0,
     ) -> None:
         super().__init__(tokenizer, special_tokens)
+        if hard_negatives < 0:
+            raise VLMConfigError(f"ImageTextTransform: hard_negatives must be >= 0, got {hard_negatives}.")
         self.max_length, self.lang, self.text_field = int(max_length), lang, text_field
+        self.hard_negatives = int(hard_negatives)
         self.image = ImageTransform(image_size, mean, std, train, random_resized_crop)
+
+    def _negatives(self, sample: dict[str, Any], text: str, out: dict[str, Any]) -> None:
+        k, length = self.hard_negatives, self.max_length
+        caps = sample.get("captions")
+        english = caps.get("en") if isinstance(caps, dict) else sample.get("caption")
+        objects = sample.get("objects")
+        negs = (shape_swapped_captions(text, objects, k, sample.get("key", text))
+                if isinstance(objects, list) and text == english else [])
+        ids = torch.full((k, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(k, length, dtype=torch.long)
+        for i, neg in enumerate(negs):
+            ids[i], mask[i] = self._encode(neg, length)
+        out["negative_input_ids"], out["negative_attention_mask"] = ids, mask
+        out["negative_mask"] = torch.arange(k) < len(negs)
 
     @skips_bad_samples
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -211,6 +278,8 @@ class ImageTextTransform(_Tokenized):
             "input_ids": ids,
             "attention_mask": mask,
         }
+        if self.hard_negatives:
+            self._negatives(sample, text, out)
         _ids_fields(sample, out)
         out["text"] = text
         return self._finish(sample, out)

@@ -474,6 +474,23 @@ class FLAVA(VLMModule):
 
         return cache.get_or("contrastive_embeddings", compute)
 
+    def negative_text_embeddings(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor:
+        """Contrastive embeddings ``[B,K,E]`` (L2-normalised) of the batch's hard-negative captions.
+
+        One unmasked text-tower pass over ``negative_input_ids`` ``[B,K,L]`` (NegCLIP-style negatives, see
+        ``ImageTextTransform(hard_negatives=K)``); GC scores them as extra text candidates.
+        """
+        def compute():
+            ids = self._field(batch, "negative_input_ids", "hard-negative captions")
+            mask = batch.get("negative_attention_mask")
+            b, k = ids.shape[:2]
+            out = self._tower(self.text_encoder)(ids.reshape(b * k, -1),
+                                                 None if mask is None else mask.reshape(b * k, -1),
+                                                 None, return_pre_norm=True)[0]
+            return self.text_embedding(out).reshape(b, k, -1)
+
+        return cache.get_or("negative_text_embeddings", compute)
+
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """Contrastive image embeddings ``[B,E]`` (inference)."""

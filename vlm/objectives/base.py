@@ -37,6 +37,9 @@ CAPABILITIES: dict[str, str] = {
     "positive_rows": "(batch, cache) -> BoolTensor[B]: rows whose image and text match (GC/MMM train on these only)",
     # --- contrastive alignment
     "contrastive_embeddings": "(batch, cache) -> (image_emb FloatTensor[B,E], text_emb FloatTensor[B,E]), L2-normalised",
+    "negative_text_embeddings": "(batch, cache) -> FloatTensor[B,K,E], L2-normalised embeddings of the batch's "
+                                "hard-negative captions (negative_input_ids [B,K,L]); GC uses it only when that "
+                                "field is present",
     # --- language modelling (Flamingo, PaLI)
     "lm_logits": "(batch, cache) -> (logits FloatTensor[B,T,V], labels LongTensor[B,T] aligned with logits, -100 = ignore)",
 }

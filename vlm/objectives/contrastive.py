@@ -148,19 +148,60 @@ class GlobalContrastive(_LearnableScale):
     def forward(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> ObjectiveOutput:
         image, text, keep = _embeddings(model, batch, cache, "GlobalContrastive",
                                         filter_rows=not self.mismatched_as_candidates)
-        return self.loss_from_features(image, text, keep)
+        negatives = negative_mask = None
+        if batch.get("negative_input_ids") is not None:
+            negatives, negative_mask = self._negatives(model, batch, cache, image)
+        return self.loss_from_features(image, text, keep, negatives, negative_mask)
 
-    def loss_from_features(self, image: Tensor, text: Tensor, keep: Tensor | None = None) -> ObjectiveOutput:
+    def _negatives(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache,
+                   image: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's hard-negative caption embeddings ``[B,K,E]`` and their validity mask ``bool[B,K]``."""
+        if not callable(getattr(model, "negative_text_embeddings", None)):
+            raise VLMConfigError(
+                f"GlobalContrastive: the batch carries negative_input_ids (hard-negative captions) but "
+                f"{type(model).__name__} has no negative_text_embeddings to embed them. Set the transform's "
+                "hard_negatives: 0, or use a model that provides that capability."
+            )
+        negatives = model.negative_text_embeddings(batch, cache)
+        b, k = negatives.shape[:2]
+        mask = batch.get("negative_mask")
+        mask = (torch.ones(b, k, dtype=torch.bool, device=negatives.device) if mask is None
+                else mask.reshape(b, k).to(device=negatives.device, dtype=torch.bool))
+        if not self.mismatched_as_candidates and callable(getattr(model, "positive_rows", None)):
+            rows = model.positive_rows(batch, cache).to(device=negatives.device, dtype=torch.bool)
+            negatives, mask = negatives[rows], mask[rows]
+        if negatives.shape[0] != image.shape[0] or negatives.shape[-1] != image.shape[-1]:
+            raise VLMConfigError(
+                f"GlobalContrastive: model.negative_text_embeddings must return [B,K,E] with B={image.shape[0]} "
+                f"and E={image.shape[-1]}, got {tuple(negatives.shape)}."
+            )
+        return negatives, mask
+
+    def loss_from_features(self, image: Tensor, text: Tensor, keep: Tensor | None = None,
+                           negatives: Tensor | None = None, negative_mask: Tensor | None = None) -> ObjectiveOutput:
         """The objective on this rank's features; ``keep`` (bool[B]) marks the rows that are queries.
 
         Rows outside ``keep`` are weighted out rather than indexed away, so the step needs no device->host sync.
+
+        ``negatives`` ``[B,K,E]`` (NegCLIP): hard-negative captions, one set per row. Like the texts they are
+        gathered from every rank (alongside them, with the same gradient rule), and every image query
+        scores all of them as extra text candidates; ``negative_mask`` ``bool[B,K]`` drops padding ones.
+        Text->image is unchanged. Without ``negatives`` this is plain (FLAVA) InfoNCE.
         """
         scale = self.scale()
         world, rank = get_world_size(), get_rank()
         sizes = gather_sizes(image.shape[0], image.device)
         total = sum(sizes)
         if total == 0:
-            return self._empty_output(image, text, self._scale_metrics(scale), scale)
+            extra = () if negatives is None else (negatives,)
+            return self._empty_output(image, text, self._scale_metrics(scale), scale, *extra)
+        dim = text.shape[-1]
+        if negatives is not None:
+            k = negatives.shape[1]
+            if negative_mask is None:
+                negative_mask = torch.ones(negatives.shape[:2], dtype=torch.bool, device=negatives.device)
+            # the negatives ride with their row's text: one gather, the same gradient rule
+            text = torch.cat([text, negatives.reshape(negatives.shape[0], k * dim).to(text.dtype)], 1)
         if world > 1 and not self.gather_with_grad:
             # Every rank computes the same full loss but only the owner keeps a row's gradient; scaling by
             # the world size makes DDP's average equal the global-batch gradient (open_clip leaves it 1/world).
@@ -168,6 +209,12 @@ class GlobalContrastive(_LearnableScale):
         all_image, all_text = gather_features(
             image, text, gather_with_grad=self.gather_with_grad, local_loss=self.local_loss, sizes=sizes
         )
+        all_neg = neg_valid = None
+        if negatives is not None:
+            all_neg = all_text[:, dim:].reshape(-1, dim)
+            all_text, text = all_text[:, :dim], text[:, :dim]
+            valid = negative_mask.to(image.dtype)
+            neg_valid = all_gather_no_grad(valid, sizes, keep_local_grad=False).reshape(-1) > 0.5
         if keep is not None:
             keep = keep.to(image.dtype)
             all_keep = all_gather_no_grad(keep[:, None], sizes, keep_local_grad=False)[:, 0]
@@ -178,12 +225,26 @@ class GlobalContrastive(_LearnableScale):
             logits_t2i = scale * text @ all_image.T
             weights = keep
             n_queries = total if keep is None else all_keep.sum().clamp_min(1.0)
+            queries = image
         else:
             labels = torch.arange(total, device=image.device)
             logits_i2t = scale * all_image @ all_text.T
             logits_t2i = logits_i2t.T
             weights = None if keep is None else all_keep
             n_queries = total if keep is None else all_keep.sum().clamp_min(1.0)
+            queries = all_image
+        neg_metrics: dict[str, Tensor] = {}
+        if all_neg is not None:
+            logits_neg = (scale * queries @ all_neg.T).masked_fill(~neg_valid, float("-inf"))
+            with torch.no_grad():
+                # each query's positive against its own negatives (single process: the whole batch)
+                own = (queries[:, None, :] * all_neg.reshape(total, k, dim)[labels]).sum(-1)
+                pos = (queries * all_text[labels]).sum(-1, keepdim=True)
+                mine = neg_valid.reshape(total, k)[labels].to(image.dtype)
+                if weights is not None:
+                    mine = mine * weights[:, None]
+                neg_metrics["hard_negative_accuracy"] = ((pos > own).to(image.dtype) * mine).sum() / mine.sum().clamp_min(1.0)
+            logits_i2t = torch.cat([logits_i2t, logits_neg], 1)
         per_row = F.cross_entropy(logits_i2t, labels, reduction="none") + F.cross_entropy(
             logits_t2i, labels, reduction="none"
         )
@@ -198,7 +259,7 @@ class GlobalContrastive(_LearnableScale):
             else:
                 denom = weights.sum().clamp_min(1.0)
                 acc_i2t, acc_t2i = (hits_i2t * weights).sum() / denom, (hits_t2i * weights).sum() / denom
-            metrics = {"i2t_accuracy": acc_i2t, "t2i_accuracy": acc_t2i, **self._scale_metrics(scale)}
+            metrics = {"i2t_accuracy": acc_i2t, "t2i_accuracy": acc_t2i, **neg_metrics, **self._scale_metrics(scale)}
         return ObjectiveOutput(loss, metrics)
 
 
