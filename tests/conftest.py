@@ -7,11 +7,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist workers share the cores: more torch threads than cores per worker makes OpenMP threads spin
+# against each other (small ops, e.g. token-by-token generation, slow down several-fold)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 2) // _WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(autouse=True)
