@@ -21,7 +21,6 @@ train, through :class:`~vlm.modules.ExtendedEmbedding`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from vlm.encoders.lm import LMConfig, base_vocab_size, build_lm, decoder_layers,
 from vlm.encoders.vision import VisionTowerConfig, build_vision_tower
 from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
+from vlm.models.sizes import sized_fields
 from vlm.modules import (
     ExtendedEmbedding,
     ExtendedLMHead,
@@ -108,28 +108,7 @@ class FlamingoConfig:
     @classmethod
     def named(cls, size: str | None, overrides: Mapping[str, Any] | None = None) -> FlamingoConfig:
         """The config of a named size with ``overrides`` laid over it (nested dicts merge key by key)."""
-        if size is not None and size not in SIZES:
-            raise VLMConfigError(f"Unknown Flamingo size {size!r}; named sizes are {sorted(SIZES)} (or null).")
-        base = copy.deepcopy(SIZES[size]) if size else {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides or {}) - names)
-        if unknown:
-            raise VLMConfigError(f"Unknown Flamingo config key(s) {unknown}; known: {sorted(names)}.")
-        for k, v in (overrides or {}).items():
-            if v is None:
-                continue
-            if isinstance(v, Mapping) and isinstance(base.get(k), Mapping):
-                merged = dict(base[k])
-                for kk, vv in v.items():
-                    if isinstance(vv, Mapping) and isinstance(merged.get(kk), Mapping):
-                        merged[kk] = {**merged[kk], **vv}
-                    else:
-                        merged[kk] = vv
-                base[k] = merged
-            else:
-                base[k] = v
-        if base.get("lm", {}).get("pretrained"):
-            base["lm"] = {k: v for k, v in base["lm"].items() if k != "config"}
+        base = sized_fields("Flamingo", SIZES, (f.name for f in dataclasses.fields(cls)), size, overrides)
         cfg = cls(**base)
         if cfg.cross_attn_every < 1:
             raise VLMConfigError(f"cross_attn_every={cfg.cross_attn_every}: use 1 or more.")

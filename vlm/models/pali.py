@@ -19,7 +19,6 @@ without ``pixel_values`` (the text-only span-corruption stream) is encoded as te
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from vlm.encoders.lm import LMConfig, base_vocab_size, build_lm, hidden_size
 from vlm.encoders.vision import VisionTowerConfig, build_vision_tower
 from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
+from vlm.models.sizes import sized_fields
 from vlm.objectives.base import Objective, StepCache
 
 #: the training streams of the PaLI mixture in ``conf/pali/tiny.yaml`` (one ``PrefixLMTransform`` task each, and
@@ -67,25 +67,6 @@ SIZES: dict[str, dict[str, Any]] = {
                           "num_decoder_layers": 12, "num_heads": 12, "d_kv": 64, "vocab_size": 32128}},
     },
 }
-
-
-def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``overrides`` laid over ``base``: nested mappings merge key by key (two levels), None keeps the base."""
-    out = copy.deepcopy(base)
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            merged = dict(out[k])
-            for kk, vv in v.items():
-                if isinstance(vv, Mapping) and isinstance(merged.get(kk), Mapping):
-                    merged[kk] = {**merged[kk], **vv}
-                else:
-                    merged[kk] = vv
-            out[k] = merged
-        else:
-            out[k] = v
-    return out
 
 
 @dataclass
@@ -114,16 +95,8 @@ class PaLIConfig:
     @classmethod
     def named(cls, size: str | None, overrides: Mapping[str, Any] | None = None) -> PaLIConfig:
         """The config of a named size with ``overrides`` laid over it (nested dicts merge key by key)."""
-        if size is not None and size not in SIZES:
-            raise VLMConfigError(f"Unknown PaLI size {size!r}; named sizes are {sorted(SIZES)} (or null).")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides or {}) - names)
-        if unknown:
-            raise VLMConfigError(f"Unknown PaLI config key(s) {unknown}; known: {sorted(names)}.")
-        base = _merge(SIZES[size] if size else {}, overrides or {})
+        base = sized_fields("PaLI", SIZES, (f.name for f in dataclasses.fields(cls)), size, overrides)
         lm = dict(base.get("lm") or {})
-        if lm.get("pretrained"):
-            lm.pop("config", None)
         lm.setdefault("kind", "seq2seq")
         if lm["kind"] != "seq2seq":
             raise VLMConfigError(
