@@ -350,7 +350,8 @@ def run_one_at_a_time(builders: dict, batches, args) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 for _ in range(args.warmup):
                     step()
-                res[shape] = summary(*step_times(step, args.steps, args.device), batch["input_ids"].shape[0])
+                times, loss = step_times(step, args.steps, args.device)
+                res[shape] = summary(times, batch["input_ids"].shape[0], loss)
                 if args.device == "cuda":
                     res[shape]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as err:

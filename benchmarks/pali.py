@@ -280,7 +280,8 @@ def run_one_at_a_time(builders: dict, batch_of, args) -> dict:
             facts["first_step_s"] = time.perf_counter() - t0
             for _ in range(max(0, args.warmup - 1)):
                 step()
-            res = {"facts": facts, **summary(*step_times(step, args.steps, args.device), len(batch["labels"]))}
+            times, loss = step_times(step, args.steps, args.device)
+            res = {"facts": facts, **summary(times, len(batch["labels"]), loss)}
             if args.device == "cuda":
                 res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             results[name] = res

@@ -19,8 +19,11 @@ def test_flamingo_benchmark_runs_tiny_on_cpu(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["shapes"]) == {"pairs", "interleaved"}
     ours, theirs = res["vlm"], res["open_flamingo"]
-    for shape in res["shapes"]:
+    for shape, (batch, _, _) in res["shapes"].items():
         assert ours[shape]["samples_per_s"] > 0 and len(ours[shape]["step_ms_all"]) == 2
+        # samples/s is the batch over the median step, and the loss is the loss (not the batch size)
+        assert abs(ours[shape]["samples_per_s"] * ours[shape]["step_ms"] / 1000 - batch) < 1e-6 * batch
+        assert 0 < ours[shape]["final_loss"] < 20 and ours[shape]["final_loss"] != batch
     assert ours["facts"]["trainable_embedding_rows"] == 2
     if "error" in theirs:  # open_flamingo could not be built here: reported, not hidden
         assert isinstance(theirs["error"], str) and theirs["error"]
@@ -46,6 +49,9 @@ def test_pali_benchmark_runs_tiny_on_cpu(tmp_path):
     ours, naive = res["vlm"], res["naive"]
     for r in (ours, naive):
         assert r["samples_per_s"] > 0 and len(r["step_ms_all"]) == 2
+        # samples/s is the batch (4) over the median step, and the loss is the loss (not the batch size)
+        assert abs(r["samples_per_s"] * r["step_ms"] / 1000 - 4) < 1e-6
+        assert 0 < r["final_loss"] < 20 and r["final_loss"] != 4
     # the same model and weights on both sides: same parameter counts, same first loss (fp32)
     assert ours["facts"]["params_m"] == naive["facts"]["params_m"]
     assert ours["facts"]["trainable_m"] == naive["facts"]["trainable_m"]
