@@ -1,6 +1,7 @@
 """Every overlay under conf/trainer/ and conf/logger/ runs with its own settings on the tiny model; only the
 accelerator is swapped to CPU. (ddp.yaml runs on 2 ranks in tests/models/test_flava_ddp.py; Lightning refuses
-FSDP without a GPU, so fsdp.yaml is built and its wrapping checked here, and runs in benchmarks/gpu_session.sh.)"""
+FSDP without a GPU, so fsdp.yaml is built and its wrapping checked here, and trains every family on 2 CPU ranks in
+tests/test_fsdp_cpu.py with those two guards patched; on a GPU it runs in benchmarks/gpu_session.sh.)"""
 
 from pathlib import Path
 

@@ -42,7 +42,7 @@ def test_gc_equals_open_clip_loss_and_gradients(local_loss):
     obj = GlobalContrastive(local_loss=local_loss).double()
     out = run(obj, img, txt)
     out.loss.backward()
-    ours = (img.grad.clone(), txt.grad.clone(), obj.logit_scale.grad.clone())
+    ours = (img.grad.clone(), txt.grad.clone(), obj.logit_scale.grad.clone().reshape(()))
 
     img2, txt2 = img.detach().clone().requires_grad_(), txt.detach().clone().requires_grad_()
     log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
@@ -135,8 +135,8 @@ def test_siglip_equals_open_clip_loss_and_gradients(chunk_size):
     torch.testing.assert_close(out.loss, ref)
     torch.testing.assert_close(img.grad, img2.grad)
     torch.testing.assert_close(txt.grad, txt2.grad)
-    torch.testing.assert_close(obj.logit_scale.grad, ls.grad)
-    torch.testing.assert_close(obj.logit_bias.grad, lb.grad)
+    torch.testing.assert_close(obj.logit_scale.grad.reshape(()), ls.grad)
+    torch.testing.assert_close(obj.logit_bias.grad.reshape(()), lb.grad)
 
 
 def test_siglip_init_and_metrics():

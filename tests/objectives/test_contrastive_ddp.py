@@ -78,8 +78,8 @@ def _worker(rank, init_file, out_dir):
         out.loss.backward()
         bias = getattr(obj, "logit_bias", None)
         results[name] = {
-            "loss": out.loss.detach(), "img": x_img.grad, "txt": x_txt.grad, "scale": obj.logit_scale.grad,
-            "bias": None if bias is None else bias.grad,
+            "loss": out.loss.detach(), "img": x_img.grad, "txt": x_txt.grad, "scale": obj.logit_scale.grad.reshape(()),
+            "bias": None if bias is None else bias.grad.reshape(()),
         }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

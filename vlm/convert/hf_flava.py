@@ -110,7 +110,7 @@ def map_hf_state(hf_state: dict[str, Tensor], model: nn.Module, strict_heads: bo
                 if strict_heads:
                     unmapped.append(f"{name} (the model has no 'gc' objective)")
                 continue
-            out[f"objectives.{objectives['gc']}.logit_scale"] = tensor
+            out[f"objectives.{objectives['gc']}.logit_scale"] = tensor.reshape(1)  # a 1-element vector here (FSDP)
             continue
         if name.startswith("image_codebook."):
             out["image_codebook.codebook." + name[len("image_codebook."):]] = tensor

@@ -279,6 +279,10 @@ class FlamingoCore(nn.Module):
         if media is None and pixel_values is not None:
             media = self.encode_media(pixel_values, image_mask)
         cond = self.conditioning(input_ids, media) if media is not None else None
+        # No KV cache unless asked: a full forward needs none, and a cache built here breaks recomputation
+        # under activation checkpointing (FSDP preset, ``gradient_checkpointing``): the recomputed block appends
+        # its keys a second time and attention then sees twice the length of its mask.
+        lm_kwargs.setdefault("use_cache", False)
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, vlm_media=cond, **lm_kwargs)
 
     @contextlib.contextmanager

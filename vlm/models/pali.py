@@ -208,6 +208,7 @@ class PaLICore(nn.Module):
             if labels is None:
                 raise VLMConfigError("PaLICore.forward needs labels or decoder_input_ids for the decoder.")
             decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        lm_kwargs.setdefault("use_cache", False)  # no decoder cache in a full pass (activation checkpointing)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                        decoder_attention_mask=decoder_attention_mask, **lm_kwargs)
 

@@ -76,12 +76,27 @@ class _LearnableScale(Objective):
                 f"[0, {max_logit_scale:.3f}]; choose a temperature in [{math.exp(-max_logit_scale):.3g}, 1]."
             )
         self.max_logit_scale = float(max_logit_scale)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learnable_temperature)
+        # One element, not a 0-dim tensor: FSDP refuses scalar parameters ("FSDP doesn't support scalar
+        # parameters"). ``scale()`` and the metrics hand out 0-dim values; 0-dim checkpoints (HF FLAVA, open_clip,
+        # earlier vlm runs) load through ``_load_from_state_dict``.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)), requires_grad=learnable_temperature)
+
+    #: parameters kept as one-element vectors (FSDP) that checkpoints may hold as 0-dim scalars
+    SCALAR_PARAMETERS = ("logit_scale",)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in self.SCALAR_PARAMETERS:
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def clamp_scale_(self) -> None:
         """Clamp the parameter in place, so that imported values obey the same cap."""
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, self.max_logit_scale)
+        # On ``.data``: under FSDP (use_orig_params) the parameter is a view of a flat parameter that other views
+        # (the towers' weights) share, and an in-place change through the parameter itself bumps the version
+        # those views carry for autograd ("a view ... has been modified inplace" in the next layer's backward).
+        self.logit_scale.data.clamp_(0.0, self.max_logit_scale)
 
     def prepare(self, model: nn.Module, batch: Mapping[str, Any], cache: StepCache) -> None:
         """Clamp eagerly before the step: a compiled step then mutates no parameter (CUDA graphs need that)."""
@@ -90,9 +105,9 @@ class _LearnableScale(Objective):
     def scale(self) -> Tensor:
         """exp(logit_scale), the parameter clamped to [0, max_logit_scale] (in place too, outside torch.compile)."""
         if torch.compiler.is_compiling():  # ``prepare`` clamped it already; stay functional inside the graph
-            return self.logit_scale.clamp(0.0, self.max_logit_scale).exp()
+            return self.logit_scale.clamp(0.0, self.max_logit_scale).exp().reshape(())
         self.clamp_scale_()
-        return self.logit_scale.exp()
+        return self.logit_scale.exp().reshape(())
 
     @staticmethod
     def _empty_output(image: Tensor, text: Tensor, metrics: dict[str, Tensor], *params: Tensor) -> ObjectiveOutput:
@@ -103,7 +118,7 @@ class _LearnableScale(Objective):
 
     def _scale_metrics(self, scale: Tensor) -> dict[str, Tensor]:
         s = scale.detach()
-        return {"temperature": 1.0 / s, "logit_scale": self.logit_scale.detach().clone()}
+        return {"temperature": 1.0 / s, "logit_scale": self.logit_scale.detach().clone().reshape(())}
 
 
 class GlobalContrastive(_LearnableScale):
@@ -288,6 +303,8 @@ class SigmoidContrastive(_LearnableScale):
         max_logit_scale: upper clamp of ``logit_scale``.
     """
 
+    SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
+
     name = "siglip"
     requires_capabilities = ("contrastive_embeddings",)
 
@@ -307,7 +324,7 @@ class SigmoidContrastive(_LearnableScale):
             raise VLMConfigError(f"SigmoidContrastive: dist_impl={dist_impl!r}; use 'gather' or 'ring'.")
         if chunk_size < 0:
             raise VLMConfigError(f"SigmoidContrastive: chunk_size must be >= 0 (0 = no chunking), got {chunk_size}.")
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable_temperature)
+        self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias)), requires_grad=learnable_temperature)
         self.chunk_size = chunk_size
         self.dist_impl = dist_impl
 
@@ -368,4 +385,4 @@ class SigmoidContrastive(_LearnableScale):
         return ObjectiveOutput(loss, {"i2t_accuracy": acc_i2t, "t2i_accuracy": acc_t2i, **self._metrics(scale)})
 
     def _metrics(self, scale: Tensor) -> dict[str, Tensor]:
-        return {**self._scale_metrics(scale), "logit_bias": self.logit_bias.detach().clone()}
+        return {**self._scale_metrics(scale), "logit_bias": self.logit_bias.detach().clone().reshape(())}
