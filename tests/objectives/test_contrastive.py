@@ -269,3 +269,17 @@ def test_gc_without_negatives_field_ignores_the_capability_and_needs_it_with_the
     assert "hard_negative_accuracy" not in run(obj, img, txt).metrics
     with pytest.raises(VLMConfigError, match="negative_text_embeddings"):
         obj(FeatureModel(img, txt), {"negative_input_ids": torch.zeros(4, 1, 3)}, StepCache())
+
+
+@pytest.mark.parametrize("cls", [GlobalContrastive, SigmoidContrastive])
+def test_scalar_parameters_are_vectors_and_load_from_0dim_checkpoints(cls):
+    """FSDP refuses 0-dim parameters; checkpoints of open_clip, HF FLAVA and older runs hold them 0-dim."""
+    obj = cls()
+    names = cls.SCALAR_PARAMETERS
+    assert all(getattr(obj, n).shape == (1,) for n in names)
+    obj.load_state_dict({n: torch.tensor(0.5 + i) for i, n in enumerate(names)})
+    assert [getattr(obj, n).item() for n in names] == [0.5 + i for i in range(len(names))]
+    img, txt = features(b=4)
+    out = run(obj, img, txt)
+    assert out.metrics["logit_scale"].shape == () and out.metrics["temperature"].shape == ()
+    assert out.metrics["temperature"].item() == pytest.approx(math.exp(-0.5))
