@@ -3,6 +3,8 @@
     vlm fit --config conf/flava/tiny.yaml --trainer.max_steps=50
     vlm data synth --out data/synth --num 2000
     vlm export --ckpt runs/checkpoints/flava-tiny/last.ckpt --out exported/flava-tiny
+    vlm validate --config conf/flava/tiny.yaml --ckpt_path runs/checkpoints/flava-tiny/last.ckpt
+        # results table, and runs/checkpoints/flava-tiny/last.validate.json (vlm.callbacks.EvalReport)
 
 Several ``--config`` files and dotted overrides are merged into one config before jsonargparse reads it
 (``merge_config_args``): mappings merge key by key, lists and scalars replace, and a changed ``class_path``
@@ -21,6 +23,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+EVAL_COMMANDS = ("validate", "test")  # subcommands whose results EvalReport prints and writes as JSON
 EXTRAS = {
     "data": "vlm data synth --out DIR --num N   write the synthetic world as WebDataset shards",
     "export": "vlm export --ckpt PATH --out DIR     model.safetensors + config.yaml, loadable without Lightning",
@@ -43,7 +46,20 @@ class VLMCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
             parser.set_defaults(weights_only=True)
+        if subcommand in EVAL_COMMANDS:
+            parser.set_defaults(verbose=False)  # EvalReport prints the results (`--verbose=true`: Lightning's too)
         return parser
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # `vlm validate` / `vlm test` print their results and write them as JSON (vlm.callbacks.EvalReport),
+        # unless the config's callbacks already hold a report
+        from vlm.callbacks.eval_report import EvalReport
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if self.subcommand in EVAL_COMMANDS and not any(isinstance(c, EvalReport) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, EvalReport()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser, args) -> None:
         """Merge the ``--config`` files and dotted overrides (``merge_config_args``), then parse as LightningCLI does."""

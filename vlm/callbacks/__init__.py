@@ -1,6 +1,8 @@
-"""Lightning callbacks: freezing schedules, objective-weight schedules, gate monitoring, throughput, preemption."""
+"""Lightning callbacks: freezing schedules, objective-weight schedules, gate monitoring, throughput, preemption,
+evaluation reports."""
 
 from vlm.callbacks.checkpoint import AtomicCheckpointIO, PreemptionCheckpoint
+from vlm.callbacks.eval_report import EvalReport
 from vlm.callbacks.freeze import FreezeSchedule, FreezeStage
 from vlm.callbacks.gates import GateMonitor
 from vlm.callbacks.history import MetricHistory
@@ -8,5 +10,5 @@ from vlm.callbacks.objective_schedule import ObjectiveWeightSchedule, WeightStag
 from vlm.callbacks.predictions import PredictionWriter
 from vlm.callbacks.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule",
+__all__ = ["AtomicCheckpointIO", "EvalReport", "FreezeSchedule", "FreezeStage", "GateMonitor", "MetricHistory", "ObjectiveWeightSchedule",
            "PredictionWriter", "PreemptionCheckpoint", "Throughput", "WeightStage"]

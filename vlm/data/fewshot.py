@@ -51,6 +51,8 @@ def references(task: str, sample: dict[str, Any], lang: str = "en") -> list[str]
     if task == "vqa":
         answers = sample.get("answers") or [sample["answer"]]
         return [str(a) for a in answers]
+    if isinstance(sample.get("references"), list) and sample["references"]:  # every caption of a COCO image
+        return [str(r) for r in sample["references"]]
     caps = sample.get("captions")
     if isinstance(caps, dict) and caps.get(lang):
         return [caps[lang]]
