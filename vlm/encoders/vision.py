@@ -44,6 +44,10 @@ class VisionConfig:
     attn_dropout: float = 0.0  #: dropout on attention probabilities
     drop_path: float = 0.0  #: stochastic depth rate
     in_chans: int = 3  #: image channels
+    #: ``patch``: one linear projection per patch (ViT). ``conv``: stride-2 3x3 convolutions down to the same
+    #: patch grid (Xiao et al. 2021, "Early convolutions help transformers see better"); for towers trained from
+    #: scratch on little data, where a linear patch embedding learns shape slowly. Random-init towers only.
+    stem: str = "patch"
     timm_name: str | None = None  #: build this timm architecture instead (size fields other than image_size ignored)
     pretrained: str | None = None  #: local checkpoint file/dir, or a timm/hub model name with pretrained weights
 
@@ -117,6 +121,28 @@ def load_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise VLMConfigError(f"Checkpoint {str(path)!r} does not hold a state dict (got {type(state).__name__}).")
     return state
+
+
+class ConvStem(nn.Sequential):
+    """Patch embedding as ``log2(patch)`` stride-2 3x3 convolutions (GELU between) and a 1x1 projection.
+
+    Maps ``[B,C,H,W]`` to ``[B,hidden,H/patch,W/patch]``, the grid of a ``patch x patch`` linear embedding, so it
+    drops into timm's ``PatchEmbed.proj``. Widths double towards ``hidden / 2`` (at least 16 channels).
+    """
+
+    def __init__(self, in_chans: int, hidden: int, patch: int) -> None:
+        n = int(patch).bit_length() - 1
+        if patch < 2 or 2 ** n != patch:
+            raise VLMConfigError(f"vision.stem='conv' needs a power-of-two patch_size >= 2, got {patch}.")
+        widths = [max(16, hidden // 2 ** (n - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        layers.append(nn.Conv2d(c, hidden, 1))
+        super().__init__(*layers)
+        self.in_channels, self.out_channels = int(in_chans), int(hidden)  # as the Conv2d it replaces
 
 
 class ViTEncoder(nn.Module):
@@ -224,6 +250,13 @@ def build_vit(cfg: VisionConfig | dict | None = None) -> ViTEncoder:
             proj_drop_rate=cfg.dropout, pos_drop_rate=cfg.dropout, attn_drop_rate=cfg.attn_dropout,
             drop_path_rate=cfg.drop_path, **_timm_kwargs(cfg),
         )
+    if cfg.stem == "conv":
+        if cfg.timm_name:
+            raise VLMConfigError("vision.stem='conv' builds its own tower from the size fields; drop vision.timm_name "
+                                 "or use stem='patch'.")
+        vit.patch_embed.proj = ConvStem(cfg.in_chans, cfg.hidden, cfg.patch_size)
+    elif cfg.stem != "patch":
+        raise VLMConfigError(f"vision.stem={cfg.stem!r}; use 'patch' (linear patch embedding) or 'conv' (convolutional stem).")
     enc = ViTEncoder(vit)
     if src is not None:
         state = load_state_file(src)
@@ -332,6 +365,9 @@ class VisionTowerConfig:
     frozen: bool = True  #: no trainable parameters, always in eval mode, forward without autograd
     kwargs: dict = field(default_factory=dict)  #: extra ``timm.create_model`` kwargs (depth, embed_dim, reg_tokens, ...)
     feature: str = "patches"  #: "patches": one vector per patch/cell; "tokens": ViTs keep their class/register tokens
+    #: "patch": the model's own patch embedding; "conv": a ViT's linear patch embedding replaced by
+    #: :class:`ConvStem` (same grid), for random-init towers trained from scratch (not with ``pretrained``)
+    stem: str = "patch"
 
     @classmethod
     def from_any(cls, cfg: Any) -> VisionTowerConfig:
@@ -364,6 +400,11 @@ class VisionTowerConfig:
             raise VLMConfigError(f"vision_tower.kwargs must be a mapping of timm.create_model arguments, got {self.kwargs!r}.")
         if self.pretrained is None:
             self.pretrained = False
+        if self.stem not in ("patch", "conv"):
+            raise VLMConfigError(f"vision_tower.stem={self.stem!r}; use 'patch' (the model's own) or 'conv' (ConvStem).")
+        if self.stem == "conv" and self.pretrained is not False:
+            raise VLMConfigError("vision_tower.stem='conv' replaces the patch embedding of a random-init tower; it "
+                                 "cannot take pretrained weights (set pretrained: false, or stem: patch).")
         if not isinstance(self.pretrained, (bool, str, os.PathLike)):
             raise VLMConfigError(
                 f"vision_tower.pretrained must be false, true, a local weights file/dir or a hub name; got {self.pretrained!r}."
@@ -507,6 +548,12 @@ def build_vision_tower(cfg: VisionTowerConfig | dict | None = None) -> VisionTow
     src = cfg.pretrained
     if src is False:
         model = create(cfg.model, False)
+        if cfg.stem == "conv":
+            proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+            if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride:
+                raise VLMConfigError(f"vision_tower.stem='conv' needs a ViT with a linear patch embedding; "
+                                     f"{cfg.model!r} has none.")
+            model.patch_embed.proj = ConvStem(proj.in_channels, proj.out_channels, int(proj.kernel_size[0]))
     elif src is True or not hub.is_local(src):
         name = cfg.model if src is True else str(src)
         model = hub.call_hub(lambda s: create(s, True), name, "Vision tower weights")
@@ -517,6 +564,6 @@ def build_vision_tower(cfg: VisionTowerConfig | dict | None = None) -> VisionTow
 
 
 __all__ = [
-    "VisionConfig", "ViTEncoder", "build_vit", "ImageCodebook", "build_codebook", "patchify", "load_state_file",
+    "VisionConfig", "ConvStem", "ViTEncoder", "build_vit", "ImageCodebook", "build_codebook", "patchify", "load_state_file",
     "CLIP_MEAN", "CLIP_STD", "VisionTowerConfig", "VisionTower", "build_vision_tower",
 ]
