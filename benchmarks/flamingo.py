@@ -15,6 +15,10 @@ targets (>= 1.5x samples/s, <= 0.7x peak memory). On CUDA one model is built, ti
 other; on CPU both are kept and ``--repeats`` timed blocks alternate between them (one torch thread by
 default), so that the load of a shared machine falls on both alike.
 
+Frozen weights: vlm's model stores its frozen ViT and LM weights in bf16 under ``--precision bf16``, as ``vlm fit``
+does with ``bf16-mixed`` (``Flamingo(frozen_dtype='auto')``); ``--frozen-dtype float32`` keeps them fp32;
+open_flamingo keeps fp32 weights under autocast, as its training script does with ``amp_bf16``.
+
 What trains: the resampler and the cross-attention blocks in both. open_flamingo's factory also trains the
 whole input embedding (tied to the output head in OPT: 50k x 2048 at base), vlm only the rows of
 ``<image>`` / ``<|endofchunk|>``; the report lists both trainable counts. ``--of-freeze-embeddings`` is
@@ -152,8 +156,12 @@ def build_vlm(args, tok_dir: Path):
 
     with torch.device(args.device):
         model = Flamingo(size=args.size, vision=vision_config(args.size), lm={"config": lm_config(args.size)},
-                         tokenizer=str(tok_dir), config=dict(FLAMINGO_SHAPE), lr=1e-4, weight_decay=0.1)
+                         tokenizer=str(tok_dir), config=dict(FLAMINGO_SHAPE), lr=1e-4, weight_decay=0.1,
+                         frozen_dtype=args.frozen_dtype)
     model = model.to(args.device).train()
+    # what `vlm fit` does under bf16-mixed (Flamingo.setup, frozen_dtype: auto): frozen weights stored in bf16
+    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    frozen_saved = model.core.cast_frozen_(model.frozen_storage_dtype(precision))
     opt = model.configure_optimizers()["optimizer"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     emb = model.core.lm.get_input_embeddings()
@@ -163,6 +171,7 @@ def build_vlm(args, tok_dir: Path):
         "trainable_embedding_rows": int(emb.extra.shape[0]) if hasattr(emb, "extra") else None,
         "optimizer": f"AdamW(fused={opt.defaults.get('fused')})",
         "vocab_size": int(model.core.vocab_size),
+        "frozen_weights_saved_gib": frozen_saved / 2**30,
     }
 
     def make_step(batch: dict, stream: str):
@@ -473,6 +482,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per shape (default 3 cuda / 2 cpu)")
     parser.add_argument("--shapes", nargs="+", default=["pairs", "interleaved"], choices=["pairs", "interleaved"])
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda")
+    parser.add_argument("--frozen-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="vlm's Flamingo(frozen_dtype=...): auto stores the frozen weights in bf16 under bf16, as "
+                             "`vlm fit` with bf16-mixed does; float32 keeps them fp32 (the figures before it existed)")
     parser.add_argument("--of-freeze-embeddings", action="store_true",
                         help="open_flamingo: freeze the input embedding (factory's freeze_lm_embeddings=True)")
     parser.add_argument("--of-fused-adamw", action="store_true", help="open_flamingo: fused AdamW as vlm's")

@@ -43,6 +43,10 @@ flamingo() {  # vlm's Flamingo vs open_flamingo, base size, one model at a time 
     echo "== flamingo: benchmarks/flamingo.py --device cuda --size base"
     timeout "$limit" "$py" benchmarks/flamingo.py --device cuda --size base --json "$out/flamingo.json" 2>&1 \
         | grep -v -e Warning -e warn -e '^W[0-9]' -e 'output = func' || echo "   (flamingo: no result within ${limit}s or failed)"
+    echo "== flamingo, frozen weights kept fp32: benchmarks/flamingo.py --device cuda --size base --frozen-dtype float32 --skip-open-flamingo"
+    timeout 120 "$py" benchmarks/flamingo.py --device cuda --size base --frozen-dtype float32 --skip-open-flamingo \
+        --json "$out/flamingo_frozen_fp32.json" 2>&1 | grep -v -e Warning -e warn -e '^W[0-9]' -e 'output = func' \
+        || echo "   (flamingo --frozen-dtype float32: no result within 120s or failed)"
 }
 
 pali() {  # vlm's PaLI vs the hand-written step, base size, one model at a time (each peak is its own)
@@ -75,7 +79,7 @@ fit() {  # the real `vlm fit` on a preset: time to first step, steady samples/s,
 
 # name, time limit (s), arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
 declare -A limit=([eager_vs_hf]=120 [step]=150 [fit_gpu]=100 [ddp1]=70 [fsdp1]=80 [step_cudagraphs]=170
-                  [towers]=150 [flamingo]=240 [pali]=450)
+                  [towers]=150 [flamingo]=240 [pali]=450)  # flamingo: +120 s for its fp32 row
 declare -A extra=([eager_vs_hf]="" [step]="--compile step --skip-hf"
                   [step_cudagraphs]="--compile step --compile-mode reduce-overhead --skip-hf"
                   [towers]="--compile towers --skip-hf")

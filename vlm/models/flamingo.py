@@ -304,6 +304,23 @@ class FlamingoCore(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    def cast_frozen_(self, dtype: torch.dtype) -> int:
+        """Store every frozen weight matrix and table (vision tower, the LM's own weights; ``dim >= 2``) in ``dtype``.
+
+        Under bf16 autocast a frozen fp32 weight is cast to bf16 at every use, and each cast copy a matmul needs
+        for the backward pass is kept until then (for the LM's 1.3B weights at base size, 2.4 GiB beside the
+        6 GiB of fp32 weights); stored in bf16 the weight is its own copy. Norm scales and biases (1-D, a tiny
+        share) stay as they are: CPU autocast runs layer norms with the parameters' own dtype and refuses a mix.
+        Trainable parameters are untouched. Returns the bytes saved.
+        """
+        saved = 0
+        for p in self.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dim() >= 2 and p.dtype != dtype:
+                before = p.numel() * p.element_size()
+                p.data = p.data.to(dtype)
+                saved += before - p.numel() * p.element_size()
+        return saved
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The parameters that train (resampler, gated cross-attention, new token rows): what a release ships."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
@@ -313,6 +330,9 @@ class FlamingoCore(nn.Module):
         if self.cfg.freeze_lm and mode:  # a frozen LM keeps its eval behaviour (no dropout) while the rest trains
             self.lm.eval()
         return self
+
+
+FROZEN_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def default_objectives() -> dict[str, Objective]:
@@ -331,6 +351,10 @@ class Flamingo(VLMModule):
         pretrained: an OpenFlamingo checkpoint (local file) or a checkpoint of this model's trainable
             parameters, loaded after building (``vlm.convert.open_flamingo``).
         generation: default ``generate`` arguments (``max_new_tokens``, ``num_beams``, ...).
+        frozen_dtype: how the frozen weights are stored. ``auto``: bf16 when the trainer runs ``bf16-mixed`` or
+            ``bf16-true`` (autocast computes with bf16 copies of them anyway), unless the strategy is FSDP (one
+            dtype per flat parameter; its ``MixedPrecision`` does this) or a ``FreezeSchedule`` may unfreeze
+            them later; ``bfloat16`` / ``float32``: always that.
         objectives, streams: default ``{"caption": CaptioningLM()}`` on streams ``interleaved`` and ``pairs``.
         **kwargs: the optimiser and run settings of :class:`~vlm.models.base.VLMModule` (``lr``,
             ``weight_decay``, ``warmup_steps``, ``lr_schedule``, ``seed``, ...).
@@ -347,10 +371,13 @@ class Flamingo(VLMModule):
         config: dict | None = None,
         pretrained: str | None = None,
         generation: dict | None = None,
+        frozen_dtype: str = "auto",
         objectives: Mapping[str, Objective] | None = None,
         streams: Mapping[str, Mapping[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if frozen_dtype not in FROZEN_DTYPES:
+            raise VLMConfigError(f"frozen_dtype={frozen_dtype!r}: use one of {list(FROZEN_DTYPES)}.")
         super().__init__(
             objectives=default_objectives() if objectives is None else objectives,
             streams=DEFAULT_STREAMS if streams is None else streams,
@@ -366,12 +393,38 @@ class Flamingo(VLMModule):
         self.config = FlamingoConfig.named(size, overrides)
         self.core = FlamingoCore(self.config)
         self.generation = {"max_new_tokens": 20, "num_beams": 1, **(generation or {})}
+        self.frozen_dtype = frozen_dtype
         if pretrained is not None:
             from vlm.convert.open_flamingo import load_flamingo_weights
 
             load_flamingo_weights(self.core, pretrained)
         self.dims = {"vocab_size": self.core.vocab_size, "text_hidden": self.core.hidden_size}
         self.attach_objectives()
+
+    # ------------------------------------------------------------------ precision
+    def frozen_storage_dtype(self, precision: str, strategy: Any = None, callbacks: list | None = None) -> torch.dtype:
+        """The dtype ``frozen_dtype`` picks for the frozen weights under ``precision`` (see the class doc)."""
+        if self.frozen_dtype != "auto":
+            return FROZEN_DTYPES[self.frozen_dtype]
+        from vlm.callbacks.freeze import FreezeSchedule
+
+        bf16 = str(precision).startswith("bf16")
+        fsdp = type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy")
+        scheduled = any(isinstance(c, FreezeSchedule) for c in callbacks or ())
+        return torch.bfloat16 if bf16 and not fsdp and not scheduled else torch.float32
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is not None:
+            dtype = self.frozen_storage_dtype(trainer.precision, trainer.strategy, trainer.callbacks)
+            if dtype != torch.float32 and not str(trainer.precision).startswith("bf16"):
+                raise VLMConfigError(
+                    f"Flamingo frozen_dtype={self.frozen_dtype!r} stores frozen weights in bf16, which needs bf16 "
+                    f"compute; the trainer runs precision={trainer.precision!r}. Set trainer.precision: bf16-mixed, "
+                    f"or frozen_dtype: auto / float32."
+                )
+            self.core.cast_frozen_(dtype)
+        super().setup(stage)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -56,7 +56,9 @@ class ExtendedEmbedding(nn.Module):
         if self.num_new == 0:
             return out
         new = F.embedding((ids - self.num_base).clamp(min=0), self.extra)
-        return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
+        # in the trainable rows' dtype: a base table stored in bf16 (frozen, see Flamingo's frozen_dtype) must not
+        # turn the LM's residual stream into bf16
+        return torch.where(is_new.unsqueeze(-1), new, out.to(new.dtype))
 
 
 class ExtendedLMHead(nn.Module):
