@@ -666,10 +666,11 @@ class VLMModule(L.LightningModule):
             if p.requires_grad:
                 (decay if self.decays(name, p) else no_decay).append(p)
         groups = []
+        # named groups: LearningRateMonitor logs `lr-AdamW/decay` and `lr-AdamW/no_decay` (not pg1, pg2)
         if decay:
-            groups.append({"params": decay, "weight_decay": self.weight_decay})
+            groups.append({"params": decay, "weight_decay": self.weight_decay, "name": "decay"})
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
         return groups
 
     def lr_lambda(self, step: int) -> float:
