@@ -49,3 +49,19 @@ def test_wandb_mode_follows_environment(monkeypatch, tmp_path, mode, expect_offl
     monkeypatch.setenv("WANDB_MODE", mode)
     logger = WandbLogger(save_dir=str(tmp_path))
     assert logger._offline is expect_offline
+
+
+def test_wandb_overlay_brings_back_the_offline_logger(monkeypatch, tmp_path):
+    """conf/logger/wandb.yaml over the CSV overlay: vlm's WandbLogger again, offline unless WANDB_MODE=online."""
+    from pathlib import Path
+
+    from vlm.cli import VLMCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
+    cli = VLMCLI(args=["--config", str(root / "conf/flava/tiny.yaml"), "--config", str(root / "conf/logger/csv.yaml"),
+                       "--config", str(root / "conf/logger/wandb.yaml"),
+                       "--data.init_args.streams.pairs.init_args.dataset.init_args.num=128"], run=False)
+    assert isinstance(cli.trainer.logger, WandbLogger) and cli.trainer.logger._offline is True
