@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,13 +51,13 @@ PANELS: list[tuple[str, str, Callable[[str], bool]]] = [
     ("Gate values", "gates/...: tanh(alpha) per gated cross-attention layer (vlm.callbacks.GateMonitor)",
      lambda k: k.startswith("gates/")),
 ]
-MAX_PLOTS = 24  # per panel: the page stays small whatever a run logs
+MAX_PLOTS = 30  # per panel: the page stays small whatever a run logs
 
 
 # ---------------------------------------------------------------------------------------------- reading a run
 def find_run(path: str | Path) -> tuple[str, Path]:
     """``("wandb", run folder)`` or ``("csv", folder of metrics.csv)`` for a RUN_DIR as the user gives it."""
-    p = Path(path)
+    p = Path(path).resolve()  # `latest-run` is a link: name the run it points to
     if not p.exists():
         raise VLMConfigError(f"vlm report: {p} does not exist; give a wandb run folder (.../wandb/offline-run-...) "
                              "or a CSV logger folder (with metrics.csv).")
@@ -211,20 +212,30 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_FRACTION = re.compile(r"(accuracy|R@\d+|rate|fraction|top\d)$")
+_LOSS = re.compile(r"(loss|mse)$")
+
+
 def _group(keys: list[str]) -> dict[str, list[str]]:
-    """Subplots of a panel: keys sharing everything but their last part go together (one line each)."""
+    """Subplots of a panel, one line per key: throughput by quantity, losses by stream, lr and gates together;
+    other keys with the same prefix share a plot when they share a scale (fractions, losses), else stand alone."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         head, _, tail = key.rpartition("/")
         if key.startswith("perf/"):  # throughput: one plot per quantity, one line per stream
             groups.setdefault(f"perf/{tail}", []).append(key)
+        elif key == "train/loss":
+            groups.setdefault("train/loss (the step's stream)", []).append(key)
         elif key.startswith("train/") and key.endswith("/loss"):  # losses: one plot per stream
-            stream = key.split("/")[1] if key.count("/") >= 2 else "all streams"
-            groups.setdefault(f"train/{stream} loss", []).append(key)
+            groups.setdefault(f"train/{key.split('/')[1]} losses", []).append(key)
         elif key.startswith(("lr-", "gates/")):
             groups.setdefault(key.split("/")[0], []).append(key)
+        elif _FRACTION.search(tail):
+            groups.setdefault(f"{head}/ (fractions)", []).append(key)
+        elif _LOSS.search(tail):
+            groups.setdefault(f"{head}/ (losses)", []).append(key)
         else:
-            groups.setdefault(head or key, []).append(key)
+            groups.setdefault(key, []).append(key)
     return groups
 
 
@@ -237,7 +248,7 @@ def plot_panel(history: History, keys: list[str]) -> str | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    groups = list(_group(keys).items())[:MAX_PLOTS]
+    groups = list(_group(keys).items())[:MAX_PLOTS]  # the rest stay in the final metrics table
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
@@ -245,7 +256,8 @@ def plot_panel(history: History, keys: list[str]) -> str | None:
         for key in members:
             pts = history[key]
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            label = (key[len(title.split(" ")[0]):].lstrip("/") or key) if len(members) > 1 else None
+            prefix = os.path.commonprefix(members) if len(members) > 1 else ""
+            label = (key[len(prefix[: prefix.rfind("/") + 1]):] or key) if len(members) > 1 else None
             ax.plot(xs, ys, marker="o" if len(pts) <= 20 else None, markersize=3, linewidth=1.2, label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
