@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -65,3 +66,21 @@ def test_wandb_overlay_brings_back_the_offline_logger(monkeypatch, tmp_path):
                        "--config", str(root / "conf/logger/wandb.yaml"),
                        "--data.init_args.streams.pairs.init_args.dataset.init_args.num=128"], run=False)
     assert isinstance(cli.trainer.logger, WandbLogger) and cli.trainer.logger._offline is True
+
+
+def test_run_folder_is_whole_after_a_chdir(tmp_path, monkeypatch):
+    """A relative save_dir is taken from the working directory of the run's creation, also once wandb's service
+    (started earlier in the process, elsewhere) is running: the .wandb log sits beside the run's files."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for where in (first, second):
+        where.mkdir()
+        monkeypatch.chdir(where)
+        logger = WandbLogger(project="vlm-test", save_dir="runs")
+        logger.experiment.log({"x": 1.0})
+        run_dir = logger.run_dir
+        wandb.finish()
+        assert run_dir.startswith(str(where / "runs")), run_dir
+        assert list(Path(run_dir).glob("*.wandb")), f"no transaction log in {run_dir}"
