@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -49,3 +50,37 @@ def test_wandb_mode_follows_environment(monkeypatch, tmp_path, mode, expect_offl
     monkeypatch.setenv("WANDB_MODE", mode)
     logger = WandbLogger(save_dir=str(tmp_path))
     assert logger._offline is expect_offline
+
+
+def test_wandb_overlay_brings_back_the_offline_logger(monkeypatch, tmp_path):
+    """conf/logger/wandb.yaml over the CSV overlay: vlm's WandbLogger again, offline unless WANDB_MODE=online."""
+    from pathlib import Path
+
+    from vlm.cli import VLMCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
+    cli = VLMCLI(args=["--config", str(root / "conf/flava/tiny.yaml"), "--config", str(root / "conf/logger/csv.yaml"),
+                       "--config", str(root / "conf/logger/wandb.yaml"),
+                       "--data.init_args.streams.pairs.init_args.dataset.init_args.num=128"], run=False)
+    assert isinstance(cli.trainer.logger, WandbLogger) and cli.trainer.logger._offline is True
+
+
+def test_run_folder_is_whole_after_a_chdir(tmp_path, monkeypatch):
+    """A relative save_dir is taken from the working directory of the run's creation, also once wandb's service
+    (started earlier in the process, elsewhere) is running: the .wandb log sits beside the run's files."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for where in (first, second):
+        where.mkdir()
+        monkeypatch.chdir(where)
+        logger = WandbLogger(project="vlm-test", save_dir="runs")
+        logger.experiment.log({"x": 1.0})
+        run_dir = logger.run_dir
+        wandb.finish()
+        assert run_dir.startswith(str(where / "runs")), run_dir
+        assert list(Path(run_dir).glob("*.wandb")), f"no transaction log in {run_dir}"

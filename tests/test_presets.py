@@ -22,7 +22,7 @@ RUN = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.enab
 CHECKS = {
     "trainer/cpu.yaml": "fit", "trainer/gpu.yaml": "fit", "trainer/debug.yaml": "fit",
     "trainer/ddp.yaml": "parse", "trainer/fsdp.yaml": "fsdp",
-    "logger/csv.yaml": "fit", "logger/tensorboard.yaml": "fit", "logger/wandb_online.yaml": "parse",
+    "logger/csv.yaml": "fit", "logger/tensorboard.yaml": "fit", "logger/wandb_online.yaml": "parse", "logger/wandb.yaml": "parse",
 }
 
 

@@ -27,6 +27,7 @@ EVAL_COMMANDS = ("validate", "test")  # subcommands whose results EvalReport pri
 EXTRAS = {
     "data": "vlm data synth --out DIR --num N   write the synthetic world as WebDataset shards",
     "export": "vlm export --ckpt PATH --out DIR     model.safetensors + config.yaml, loadable without Lightning",
+    "report": "vlm report RUN_DIR [--out FILE]     one offline HTML page of a run's plots and predictions",
 }
 
 
@@ -239,6 +240,10 @@ def _extras(argv: list[str]) -> int | None:
         from vlm.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from vlm.report import main as report_main
+
+        return report_main(argv[1:])
     return None
 
 

@@ -26,6 +26,10 @@ class WandbLogger(_WandbLogger):
     ) -> None:
         if offline is None:
             offline = os.environ.get("WANDB_MODE", "offline").lower() != "online"
+        # wandb's service process, started by the first run of a Python process, resolves a relative path
+        # against its own working directory: after a chdir (notebooks, tests) the run's transaction log would
+        # land in another folder than its files
+        save_dir = os.path.abspath(save_dir)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)
 

@@ -564,12 +564,12 @@ class VLMModule(L.LightningModule):
         self._log_captioning("test")
         self._log_eval_means()
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | dict | None:
         if self.is_prompt_batch(batch):
             return self._prompt_eval_step("val", batch)
         return self._eval_step("val", batch)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | None:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | dict | None:
         if self.is_prompt_batch(batch):
             return self._prompt_eval_step("test", batch)
         return self._eval_step("test", batch)
@@ -608,9 +608,10 @@ class VLMModule(L.LightningModule):
         return [{"key": k, "stream": batch.get("stream"), "prediction": p, "references": r}
                 for k, p, r in zip(keys, preds, refs)]
 
-    def _prompt_eval_step(self, prefix: str, batch: Mapping[str, Any]) -> None:
+    def _prompt_eval_step(self, prefix: str, batch: Mapping[str, Any]) -> dict[str, list[str]]:
         """Answer the prompts and score them: VQA accuracy per batch (a mean over ranks), captions kept for
-        CIDEr-D over the whole split at the epoch's end."""
+        CIDEr-D over the whole split at the epoch's end. Returns ``{"predictions": texts}`` (for callbacks:
+        ``vlm.callbacks.PredictionsTable`` shows them without generating again)."""
         from vlm.metrics.vqa import vqa_accuracy
 
         preds = self.decode(self.generate_batch(batch))
@@ -621,7 +622,7 @@ class VLMModule(L.LightningModule):
         else:
             hits = torch.tensor([vqa_accuracy(p, a) for p, a in zip(preds, batch["answers"])], dtype=torch.float64)
             self.accumulate_eval(f"{prefix}/{stream}/vqa_accuracy", hits.sum().to(self.device), float(hits.numel()))
-        return None
+        return {"predictions": preds}
 
     def _log_captioning(self, prefix: str) -> None:
         """CIDEr-D of every caption stream over all ranks' predictions (every rank takes part)."""
@@ -666,10 +667,11 @@ class VLMModule(L.LightningModule):
             if p.requires_grad:
                 (decay if self.decays(name, p) else no_decay).append(p)
         groups = []
+        # named groups: LearningRateMonitor logs `lr-AdamW/decay` and `lr-AdamW/no_decay` (not pg1, pg2)
         if decay:
-            groups.append({"params": decay, "weight_decay": self.weight_decay})
+            groups.append({"params": decay, "weight_decay": self.weight_decay, "name": "decay"})
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
         return groups
 
     def lr_lambda(self, step: int) -> float:
