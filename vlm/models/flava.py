@@ -10,7 +10,8 @@ Two layers, as every model family here:
   methods the objectives (GC, ITM, MMM, MIM, MLM in ``vlm.objectives``) ask for. Every capability memoises in
   the step's ``StepCache``, so objectives that share an input share one pass: on a pair batch with
   GC + ITM + MMM the image and text towers run once unmasked (GC) and once masked (ITM/MMM), and the
-  multimodal encoder runs once.
+  multimodal encoder runs once. Zero-shot retrieval and classification of held-out batches are evaluators
+  (``vlm.evaluation``) that the base module runs beside the losses.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vlm.checkpoint import keep_plain_hparams
 from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_text_encoder, check_vocab
 from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, coerce_numbers, patchify
 from vlm.errors import MissingBatchField, VLMConfigError
+from vlm.evaluation import RetrievalEvaluator, ZeroShotEvaluator
 from vlm.models.base import VLMModule
 from vlm.models.sizes import sized_fields
 from vlm.objectives.base import Objective, StepCache, generator_of
@@ -318,14 +320,19 @@ class FLAVA(VLMModule):
             passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
         tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
         activation_checkpointing: recompute tower blocks in backward (memory for compute).
-        zeroshot_class_names: class names for zero-shot classification in validation.
+        zeroshot_class_names: class names for zero-shot classification of held-out batches with ``class_index``.
         zeroshot_templates: prompt templates with ``{}`` for the class name.
-        tokenizer: hub name or local dir of the tokenizer used to encode zero-shot prompts.
+        tokenizer: hub name or local dir of the tokenizer that encodes zero-shot prompts (checked against the
+            text tower at construction).
         **kwargs: the optimiser and run settings of :class:`~vlm.models.base.VLMModule` (``lr``,
             ``weight_decay``, ``betas``, ``warmup_steps``, ``lr_schedule``, ``min_lr_ratio``, ``seed``,
             ``max_nonfinite_steps``, and ``compile``: ``true``/``"towers"`` compiles the three towers for
             training steps (evaluation runs them eagerly, see ``_eager``), ``"step"`` the whole loss
             computation of a training step; ``compile_options``: ``torch.compile`` arguments for either scope).
+
+    Held-out batches are scored by ``evaluators()`` beside the losses: retrieval R@1/5/10 of batches with
+    ``pair_id`` (``val/retrieval/t2i_R@1``, ...) and zero-shot top-1 of batches with ``class_index``
+    (``val/zeroshot/top1``), over every rank's rows.
     """
 
     def __init__(
@@ -395,13 +402,26 @@ class FLAVA(VLMModule):
         # fused output only)
         self._mm_image_tokens = 1 + self.core.image_encoder.num_patches
 
-        self.zeroshot_class_names = list(zeroshot_class_names) if zeroshot_class_names else None
-        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
         self.tokenizer_source = tokenizer
         self._tokenizer = None
         if tokenizer is not None:  # a vocabulary that doesn't match the text tower fails here, not mid-run
-            check_vocab(self.core.text_encoder, self._get_tokenizer())
-        self._val_retrieval: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stream -> (image, text, id) rows
+            from vlm.data.tokenizers import load_tokenizer
+
+            # "minilm" (FLAVA's uncased WordPiece, shipped offline), a local dir or a hub name
+            self._tokenizer = load_tokenizer(tokenizer)
+            check_vocab(self.core.text_encoder, self._tokenizer)
+        # what zero-shot classification scores (also read by checks of evaluation streams' class lists)
+        self.zeroshot_class_names = list(zeroshot_class_names) if zeroshot_class_names else None
+        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
+        self._evaluators: list = [RetrievalEvaluator()]
+        if self.zeroshot_class_names:
+            if self._tokenizer is None:
+                raise VLMConfigError(
+                    "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
+                    "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
+                )
+            self._evaluators.append(ZeroShotEvaluator(self.zeroshot_class_names, self.zeroshot_templates,
+                                                      self._tokenizer))
 
         if activation_checkpointing:
             self.core.set_grad_checkpointing(True)
@@ -424,6 +444,10 @@ class FLAVA(VLMModule):
     @property
     def fusion_input(self) -> str:
         return self.config.fusion_input
+
+    def evaluators(self) -> list:
+        """Retrieval over held-out pairs, and zero-shot classification when class names are configured."""
+        return self._evaluators
 
     # ============================================================== helpers
     @staticmethod
@@ -681,77 +705,6 @@ class FLAVA(VLMModule):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Contrastive text embeddings ``[B,E]`` (inference)."""
         return self.core.encode_text(input_ids, attention_mask, eager=self._eager())
-
-    # ============================================================== validation: zero-shot metrics
-    def _get_tokenizer(self):
-        if self._tokenizer is None:
-            if self.tokenizer_source is None:
-                raise VLMConfigError(
-                    "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
-                    "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
-                )
-            from vlm.data.tokenizers import load_tokenizer
-
-            # "minilm" (FLAVA's uncased WordPiece, shipped offline), a local dir or a hub name
-            self._tokenizer = load_tokenizer(self.tokenizer_source)
-        return self._tokenizer
-
-    def _encode_prompts(self, texts: list[str]) -> Tensor:
-        tok = self._get_tokenizer()
-        enc = tok(texts, padding=True, truncation=True, max_length=min(77, getattr(tok, "model_max_length", 77)),
-                  return_tensors="pt")
-        return self.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._val_retrieval = {}
-        self._zeroshot_weights = None
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
-        loss = super().validation_step(batch, batch_idx, dataloader_idx)
-        stream = str(batch.get("stream"))
-        if batch.get("pair_id") is not None and batch.get("input_ids") is not None and "pixel_values" in batch:
-            rows = self._val_retrieval.setdefault(stream, [])
-            rows.append((self.encode_image(batch["pixel_values"]).float().cpu(),
-                         self.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu(),
-                         batch["pair_id"].reshape(-1).long().cpu()))
-        if batch.get("class_index") is not None and "pixel_values" in batch and self.zeroshot_class_names:
-            if getattr(self, "_zeroshot_weights", None) is None:
-                from vlm.metrics.retrieval import zero_shot_classifier
-
-                self._zeroshot_weights = zero_shot_classifier(
-                    self._encode_prompts, self.zeroshot_class_names, self.zeroshot_templates)
-            logits = self.encode_image(batch["pixel_values"]) @ self._zeroshot_weights.to(self.device).T
-            target = batch["class_index"].reshape(-1)
-            hits = (logits.argmax(-1) == target).float()[target >= 0]  # -1: the image has no class
-            self.accumulate_eval(f"val/zeroshot/top1@{stream}", hits.sum(), hits.numel())
-        return loss
-
-    def on_validation_epoch_end(self) -> None:
-        from vlm.metrics.retrieval import RetrievalRecall
-        from vlm.parallel import all_gather_objects
-
-        # Retrieval ranks every caption against every image of the split, whichever rank embedded them: the
-        # rows of all ranks are gathered (every rank takes part, also one that held no pairs batch).
-        local = {k: tuple(torch.cat(col) for col in zip(*rows)) for k, rows in self._val_retrieval.items()}
-        zs_keys = [k for k in self._eval_sums if k.startswith("val/zeroshot/top1@")]
-        gathered = all_gather_objects((local, {k.split("@", 1)[1] for k in zs_keys}))
-        streams = sorted(set().union(*(g[0] for g in gathered)))
-        for stream in streams:
-            parts = [g[0][stream] for g in gathered if stream in g[0]]
-            metric = RetrievalRecall(sync_on_compute=False)
-            metric.update(*(torch.cat(col) for col in zip(*parts)))
-            suffix = "" if len(streams) == 1 else f"/{stream}"
-            for k, v in metric.compute().items():
-                self.log(f"val/retrieval/{k}{suffix}", v.to(self.device), sync_dist=False)
-        self._val_retrieval = {}
-        # zero-shot accuracy: one mean over every rank's images (reduced with the losses by the base class);
-        # named per stream only when several streams (on any rank) carry classes
-        several = len(set().union(*(g[1] for g in gathered))) > 1
-        for k in zs_keys:
-            stream = k.split("@", 1)[1]
-            self._eval_sums[f"val/zeroshot/top1/{stream}" if several else "val/zeroshot/top1"] = self._eval_sums.pop(k)
-        super().on_validation_epoch_end()
 
     # ============================================================== throughput
     def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
