@@ -57,7 +57,7 @@ def test_overlay_trains_with_its_own_settings(name, workdir):
     assert cli.trainer.global_step >= 1
     after = cli.model.state_dict()
     for tower in ("image_encoder", "text_encoder", "multimodal_encoder"):
-        assert any(not torch.equal(v, before[k]) for k, v in after.items() if k.startswith(tower)), tower
+        assert any(not torch.equal(v, before[k]) for k, v in after.items() if k.startswith(f"core.{tower}.")), tower
     if name == "logger/csv.yaml":
         metrics = next(workdir.rglob("metrics.csv")).read_text()
         assert "train/loss" in metrics and "train/grad_norm" in metrics

@@ -1,10 +1,17 @@
 """Held-out evaluation: dual-encoder models (anything with ``encode_image`` / ``encode_text``) by retrieval and
-zero-shot classification; generative models (``generate`` / ``decode``) by few-shot VQA accuracy and CIDEr."""
+zero-shot classification; generative models (``generate`` / ``decode``) by few-shot VQA accuracy and CIDEr.
+
+Two ways in: functions over a whole dataset (``embed_pairs``, ``retrieval``, ``zero_shot``: the demo's held-out
+report), and :class:`Evaluator` objects that a model lists in ``evaluators()``: the base module
+(``vlm.models.base.VLMModule``) resets them when a validation/test epoch starts, hands them every evaluation
+batch beside the losses, and lets them log at the epoch's end, on every rank.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +19,7 @@ from torch import Tensor
 from vlm.data.collate import collate
 from vlm.errors import VLMConfigError
 from vlm.metrics.retrieval import RetrievalRecall, zero_shot_accuracy, zero_shot_classifier
+from vlm.parallel import all_gather_objects, reduce_weighted_means
 
 
 @dataclass
@@ -142,3 +150,116 @@ def evaluate_prompts(model, queries, transform: Callable, batch_size: int = 50,
     else:
         score = sum(vqa_accuracy(r["prediction"], r["references"]) for r in rows) / len(rows)
     return float(score), rows
+
+
+class Evaluator:
+    """Scores held-out batches during ``validate``/``test``: ``reset`` when an epoch starts, ``update`` with every
+    evaluation batch (``prefix`` is "val" or "test"), ``log`` at the epoch's end on every rank (it may gather)."""
+
+    def reset(self) -> None:
+        """Forget the previous epoch."""
+
+    def update(self, model, prefix: str, batch: Mapping[str, Any]) -> None:
+        """Take one evaluation batch (ignore it if it lacks the fields this evaluator needs)."""
+
+    def log(self, model, prefix: str) -> None:
+        """Log this epoch's metrics through ``model.log``; called on every rank."""
+
+
+def _log(model, key: str, value: Tensor) -> None:
+    model.log(key, value.to(model.device), sync_dist=False, add_dataloader_idx=False, rank_zero_only=False)
+
+
+class RetrievalEvaluator(Evaluator):
+    """Zero-shot image-text retrieval over every pair of the split: ``{prefix}/retrieval/{t2i,i2t}_R@k``.
+
+    Takes batches with ``pixel_values``, ``input_ids`` and ``pair_id`` and embeds them with the model's
+    ``encode_image`` / ``encode_text``. At the end every caption is ranked against every image of the split,
+    whichever rank embedded them (``vlm.metrics.RetrievalRecall`` over the rows of all ranks). With several
+    such streams each is ranked on its own and its name is appended (``.../t2i_R@1/<stream>``).
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10)) -> None:
+        self.ks = tuple(int(k) for k in ks)
+        self.rows: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    def reset(self) -> None:
+        self.rows = {}
+
+    def update(self, model, prefix: str, batch: Mapping[str, Any]) -> None:
+        if batch.get("pair_id") is None or batch.get("input_ids") is None or batch.get("pixel_values") is None:
+            return
+        self.rows.setdefault(str(batch.get("stream")), []).append((
+            model.encode_image(batch["pixel_values"]).float().cpu(),
+            model.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu(),
+            batch["pair_id"].reshape(-1).long().cpu(),
+        ))
+
+    def log(self, model, prefix: str) -> None:
+        # every rank takes part in the gather, also one that held no pairs batch
+        local = {k: tuple(torch.cat(col) for col in zip(*rows)) for k, rows in self.rows.items()}
+        gathered = all_gather_objects(local)
+        streams = sorted(set().union(*gathered))
+        for stream in streams:
+            parts = [g[stream] for g in gathered if stream in g]
+            metric = RetrievalRecall(ks=self.ks, sync_on_compute=False)
+            metric.update(*(torch.cat(col) for col in zip(*parts)))
+            suffix = "" if len(streams) == 1 else f"/{stream}"
+            for k, v in metric.compute().items():
+                _log(model, f"{prefix}/retrieval/{k}{suffix}", v)
+        self.rows = {}
+
+
+class ZeroShotEvaluator(Evaluator):
+    """Zero-shot classification by prompts: ``{prefix}/zeroshot/top1``, a mean over every rank's images.
+
+    The class embeddings are the mean of the L2-normalised embeddings of each class's prompts
+    (``templates`` with ``{}`` for the name, encoded once per epoch by ``tokenizer`` and the model's
+    ``encode_text``); an image of a batch with ``class_index`` is right when its class scores highest
+    (``class_index`` -1: the image has no class, left out). With several such streams each gets its own
+    ``.../top1/<stream>``.
+    """
+
+    def __init__(self, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 tokenizer: Any = None, max_length: int = 77) -> None:
+        if not class_names or not templates:
+            raise VLMConfigError("ZeroShotEvaluator needs at least one class name and one template.")
+        if tokenizer is None:
+            raise VLMConfigError("ZeroShotEvaluator needs the tokenizer of the model's text tower to encode the prompts.")
+        self.class_names, self.templates = list(class_names), list(templates)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.weights: Tensor | None = None
+        self.sums: dict[str, tuple[Tensor, float]] = {}
+
+    def reset(self) -> None:
+        self.weights, self.sums = None, {}
+
+    def classifier(self, model) -> Tensor:
+        """Class embeddings ``[C, E]`` from the model's text tower (computed once per epoch)."""
+        if self.weights is None:
+            tok = self.tokenizer
+            length = min(self.max_length, getattr(tok, "model_max_length", self.max_length))
+
+            def encode(texts: list[str]) -> Tensor:
+                enc = tok(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+                return model.encode_text(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
+
+            self.weights = zero_shot_classifier(encode, self.class_names, self.templates)
+        return self.weights
+
+    def update(self, model, prefix: str, batch: Mapping[str, Any]) -> None:
+        if batch.get("class_index") is None or batch.get("pixel_values") is None:
+            return
+        logits = model.encode_image(batch["pixel_values"]) @ self.classifier(model).to(model.device).T
+        target = batch["class_index"].reshape(-1).to(logits.device)
+        hits = (logits.argmax(-1) == target).double()[target >= 0]
+        stream = str(batch.get("stream"))
+        total, count = self.sums.get(stream, (0.0, 0.0))
+        self.sums[stream] = (hits.sum().cpu() + total, count + hits.numel())
+
+    def log(self, model, prefix: str) -> None:
+        means = reduce_weighted_means(self.sums, model.device)  # every rank, also one without class batches
+        for stream, value in means.items():
+            _log(model, f"{prefix}/zeroshot/top1" if len(means) == 1 else f"{prefix}/zeroshot/top1/{stream}", value)
+        self.sums = {}

@@ -165,3 +165,40 @@ def test_unmapped_tensor_fails_loudly(pair):
     state["flava.some_new_layer.weight"] = torch.zeros(3)
     with pytest.raises(VLMConfigError, match="some_new_layer"):
         map_hf_state(state, ours)
+
+
+def test_core_from_flava_model_matches_transformers():
+    """flava_core_from_hf builds only the core, from a bare FlavaModel: its unmasked passes and fused output equal
+    transformers' FlavaModel on the same inputs (image, text and multimodal hidden states)."""
+    from vlm.convert.hf_flava import flava_core_from_hf
+    from vlm.models.flava import FLAVACore
+
+    torch.manual_seed(1)
+    hf = transformers.FlavaModel(tiny_hf_config()).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    core = flava_core_from_hf(hf).eval()
+    assert isinstance(core, FLAVACore) and core.image_codebook is None
+    assert core.cfg.text["vocab_size"] == VOCAB and core.cfg.vision["patch_size"] == PATCH
+    batch = make_batch(seed=6)
+    with torch.no_grad():
+        ref = hf(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                 attention_mask=batch["attention_mask"])
+        ours = core(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    close(ours["image_hidden"], ref.image_embeddings)
+    close(ours["text_hidden"], ref.text_embeddings)
+    close(ours["multimodal_hidden"], ref.multimodal_embeddings)
+    expected_image = torch.nn.functional.normalize(hf.image_projection(ref.image_embeddings[:, 0]), dim=-1)
+    close(ours["image_embedding"], expected_image)
+
+
+def test_core_from_pretraining_model_drops_the_heads_and_keeps_the_codebook(pair):
+    """The core of a FlavaForPreTraining is the FLAVA model's core: the same tensors, and the HF image codebook."""
+    from vlm.convert.hf_flava import flava_core_from_hf
+
+    hf, ours = pair
+    core = flava_core_from_hf(hf)
+    mine, theirs = core.state_dict(), ours.core.state_dict()
+    assert mine.keys() == theirs.keys() and any(k.startswith("image_codebook.") for k in mine)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

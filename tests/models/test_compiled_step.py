@@ -99,7 +99,7 @@ def test_compiled_step_trains_under_lightning_and_stays_copyable():
     assert all(torch.isfinite(v) for v in logged.values())
     clone = copy.deepcopy(model)  # the compiled function is not part of the model's state
     assert clone._compiled_step is None
-    torch.testing.assert_close(clone.state_dict()["text_projection.weight"], model.text_projection.weight)
+    torch.testing.assert_close(clone.state_dict()["core.text_projection.weight"], model.text_projection.weight)
 
 
 def test_bad_compile_settings_name_the_fix():

@@ -111,7 +111,8 @@ def run_rank(out: Path) -> None:
                              for n, q in cli.model.named_parameters() if q.requires_grad),
             "walks": cli.model._graph_cover.walks,
             "global_step": cli.trainer.global_step,
-            "changed": sorted({k.split(".")[0] for k, v in final.items() if not torch.equal(v, initial[k])}),
+            "changed": sorted({k.removeprefix("core.").split(".")[0] for k, v in final.items()
+                               if not torch.equal(v, initial[k])}),
         }
 
     # evaluation with uneven shards: 100 pairs in batches of 60 (rank 0: 60 rows, rank 1: 40) or 100 (rank 1: none)

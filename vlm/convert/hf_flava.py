@@ -1,4 +1,6 @@
-"""Import a Hugging Face ``FlavaForPreTraining`` (object, hub name or local dir) into :class:`vlm.models.flava.FLAVA`.
+"""Import Hugging Face FLAVA weights: ``flava_core_from_hf`` builds a :class:`vlm.models.flava.FLAVACore` (towers,
+projections, image codebook) from a ``FlavaModel`` or ``FlavaForPreTraining``; ``flava_from_hf`` builds the
+trainable :class:`vlm.models.flava.FLAVA` around such a core, with the pretraining heads in its objectives.
 
 Every HF tensor is mapped or explicitly declared unused; anything else (an unknown name, a shape that does not
 fit, one of our tensors left unset) is one clear error. Layout differences handled here:
@@ -70,19 +72,30 @@ DIRECT = {
 for _p in ("image_projection", "text_projection", "image_to_mm_projection", "text_to_mm_projection"):
     for _t in ("weight", "bias"):
         DIRECT[f"flava.{_p}.{_t}"] = f"{_p}.{_t}"
+#: where the core sits in the LightningModule (the names above are the core's)
+CORE_PREFIX = "core."
 
 
 def load_hf_flava(source: Any) -> nn.Module:
-    """A ``FlavaForPreTraining`` from an object, a local directory or a hub name (offline: one clear error)."""
-    from transformers import FlavaForPreTraining
+    """A ``FlavaForPreTraining`` (or a bare ``FlavaModel`` object) from an object, a local directory or a hub name
+    (offline: one clear error)."""
+    from transformers import FlavaForPreTraining, FlavaModel
 
-    if isinstance(source, FlavaForPreTraining):
+    if isinstance(source, (FlavaForPreTraining, FlavaModel)):
         return source
     if isinstance(source, (str, os.PathLike)):
         return hub.call_hub(FlavaForPreTraining.from_pretrained, str(source), "HF FLAVA checkpoint")
     raise VLMConfigError(
         f"Expected a FlavaForPreTraining, a local directory or a hub name; got {type(source).__name__}."
     )
+
+
+def hf_state_of(hf_model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of a ``FlavaForPreTraining``, or of a ``FlavaModel`` under the names it has inside one."""
+    from transformers import FlavaModel
+
+    state = dict(hf_model.state_dict())
+    return {f"flava.{k}": v for k, v in state.items()} if isinstance(hf_model, FlavaModel) else state
 
 
 def _objective_keys(model: nn.Module) -> dict[str, str]:
@@ -94,8 +107,23 @@ def _objective_keys(model: nn.Module) -> dict[str, str]:
 
 
 def map_hf_state(hf_state: dict[str, Tensor], model: nn.Module, strict_heads: bool = True) -> dict[str, Tensor]:
-    """Our state-dict entries for an HF ``FlavaForPreTraining`` state dict; unknown HF names are an error."""
-    objectives = _objective_keys(model)
+    """``model``'s state-dict entries for an HF ``FlavaForPreTraining`` state dict; unknown HF names are an error.
+
+    ``model`` is a :class:`~vlm.models.flava.FLAVA` (core tensors under ``core.``, heads and the logit scale under
+    its objectives) or a bare :class:`~vlm.models.flava.FLAVACore` (the heads and the logit scale are dropped).
+    """
+    from vlm.models.flava import FLAVACore
+
+    bare = isinstance(model, FLAVACore)
+    core = _map_hf_tensors(hf_state, {} if bare else _objective_keys(model), strict_heads and not bare)
+    if bare:
+        return {k: v for k, v in core.items() if not k.startswith("objectives.")}
+    return {k if k.startswith("objectives.") else CORE_PREFIX + k: v for k, v in core.items()}
+
+
+def _map_hf_tensors(hf_state: dict[str, Tensor], objectives: dict[str, str], strict_heads: bool) -> dict[str, Tensor]:
+    """Core entries under the core's names, head entries under ``objectives.<key>.``; heads of objectives not in
+    ``objectives`` are dropped (or, with ``strict_heads``, reported)."""
     out: dict[str, Tensor] = {}
     unmapped: list[str] = []
     qkv: dict[str, dict[str, Tensor]] = {}
@@ -164,10 +192,15 @@ def map_hf_state(hf_state: dict[str, Tensor], model: nn.Module, strict_heads: bo
 
 @torch.no_grad()
 def load_hf_flava_state(model: nn.Module, hf_model: Any, strict_heads: bool = True) -> nn.Module:
-    """Copy every tensor of ``hf_model`` (``FlavaForPreTraining`` / hub name / dir) into ``model`` in place."""
+    """Copy every tensor of ``hf_model`` (``FlavaForPreTraining`` / ``FlavaModel`` / hub name / dir) into
+    ``model`` (a ``FLAVA`` or a ``FLAVACore``) in place."""
+    from vlm.models.flava import FLAVACore
+
     hf_model = load_hf_flava(hf_model)
-    mapped = map_hf_state(dict(hf_model.state_dict()), model, strict_heads=strict_heads)
+    mapped = map_hf_state(hf_state_of(hf_model), model, strict_heads=strict_heads)
     own = model.state_dict()
+    codebook = model.image_codebook if isinstance(model, FLAVACore) else model.core.image_codebook
+    codebook_key = "image_codebook." if isinstance(model, FLAVACore) else CORE_PREFIX + "image_codebook."
     wrong = [f"{k}: HF {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
              for k, v in mapped.items() if k in own and own[k].shape != v.shape]
     extra = sorted(k for k in mapped if k not in own)
@@ -176,9 +209,9 @@ def load_hf_flava_state(model: nn.Module, hf_model: Any, strict_heads: bool = Tr
             f"HF FLAVA tensors do not fit the vlm model: shape mismatches {wrong[:8]}, unknown targets {extra[:8]}. "
             "Build the model with flava_from_hf(...) so its sizes follow the HF config."
         )
-    ours = {k for k in own if not k.startswith("image_codebook.") or model.image_codebook is not None}
+    ours = {k for k in own if not k.startswith(codebook_key) or codebook is not None}
     missing = sorted(ours - set(mapped))
-    if not strict_heads:
+    if not strict_heads or isinstance(model, FLAVACore):
         missing = [k for k in missing if not k.startswith("objectives.")]
     if missing:
         raise VLMConfigError(
@@ -202,14 +235,9 @@ def _check_hf_config(config: Any) -> None:
         raise VLMConfigError("HF FLAVA config has multimodal use_cls_token=False; vlm FLAVA always uses the CLS token.")
 
 
-def flava_kwargs_from_hf_config(config: Any) -> dict[str, Any]:
-    """FLAVA constructor arguments (towers, projection, objectives, streams) matching an HF ``FlavaConfig``."""
-    from vlm.models.flava import DEFAULT_STREAMS
-    from vlm.objectives.contrastive import GlobalContrastive
-    from vlm.objectives.itm import ImageTextMatching
-    from vlm.objectives.mim import MaskedImageModeling
-    from vlm.objectives.mlm import MaskedLanguageModeling
-    from vlm.objectives.mmm import MaskedMultimodalModeling
+def flava_config_from_hf(config: Any):
+    """The :class:`~vlm.models.flava.FLAVAConfig` of an HF ``FlavaConfig`` (towers, projection, codebook size)."""
+    from vlm.models.flava import FLAVAConfig
 
     _check_hf_config(config)
     ic, tc, mc = config.image_config, config.text_config, config.multimodal_config
@@ -226,6 +254,38 @@ def flava_kwargs_from_hf_config(config: Any) -> dict[str, Any]:
     multimodal = dict(hidden=mc.hidden_size, layers=mc.num_hidden_layers, heads=mc.num_attention_heads,
                       mlp_ratio=_mlp_ratio(mc), layer_norm_eps=mc.layer_norm_eps, qkv_bias=mc.qkv_bias,
                       dropout=mc.hidden_dropout_prob, attn_dropout=mc.attention_probs_dropout_prob)
+    return FLAVAConfig.named(None, dict(vision=vision, text=text, multimodal=multimodal,
+                                        projection_dim=config.projection_dim, codebook_size=ic.vocab_size,
+                                        fusion_input="last_layer"))
+
+
+def flava_core_from_hf(source: Any):
+    """A :class:`~vlm.models.flava.FLAVACore` with the sizes and weights of an HF ``FlavaModel`` or
+    ``FlavaForPreTraining`` (object / hub name / dir); the latter's image codebook, if it has one, comes along."""
+    from vlm.models.flava import FLAVACore
+
+    hf = load_hf_flava(source)
+    codebook = getattr(hf, "image_codebook", None)
+    core = FLAVACore(flava_config_from_hf(hf.config),
+                     image_codebook=copy.deepcopy(codebook) if codebook is not None else None)
+    load_hf_flava_state(core, hf)
+    return core
+
+
+def flava_kwargs_from_hf_config(config: Any) -> dict[str, Any]:
+    """FLAVA constructor arguments (``config``, objectives with the HF heads' settings, streams, masking ids)
+    matching an HF ``FlavaConfig``."""
+    import dataclasses
+
+    from vlm.models.flava import DEFAULT_STREAMS
+    from vlm.objectives.contrastive import GlobalContrastive
+    from vlm.objectives.itm import ImageTextMatching
+    from vlm.objectives.mim import MaskedImageModeling
+    from vlm.objectives.mlm import MaskedLanguageModeling
+    from vlm.objectives.mmm import MaskedMultimodalModeling
+
+    cfg = flava_config_from_hf(config)
+    tc = config.text_config
     objectives = {
         "gc": GlobalContrastive(init_temperature=math.exp(-config.logit_scale_init_value)),
         "itm": ImageTextMatching(negatives="batch"),
@@ -237,14 +297,14 @@ def flava_kwargs_from_hf_config(config: Any) -> dict[str, Any]:
     weights = {"gc": config.global_contrastive_weight, "itm": config.itm_weight, "mmm": 1.0,
                "mim": config.mim_weight, "mlm": config.mlm_weight}
     streams = {s: {k: float(weights[k]) for k in ws} for s, ws in DEFAULT_STREAMS.items()}
-    return dict(vision=vision, text=text, multimodal=multimodal, projection_dim=config.projection_dim,
-                objectives=objectives, streams=streams, codebook_size=ic.vocab_size, fusion_input="last_layer",
+    return dict(size=None, config=dataclasses.asdict(cfg), objectives=objectives, streams=streams,
                 mask_token_id=103 if tc.vocab_size > 103 else 1,
                 special_token_ids=tuple(i for i in (0, 100, 101, 102, 103) if i < tc.vocab_size))
 
 
 def flava_from_hf(source: Any, **overrides: Any):
-    """A vlm ``FLAVA`` with the sizes, heads and weights of an HF ``FlavaForPreTraining`` (object / hub name / dir).
+    """A vlm ``FLAVA`` with the sizes, heads and weights of an HF ``FlavaForPreTraining`` (object / hub name / dir):
+    its core as ``flava_core_from_hf`` builds it, the pretraining heads and the logit scale in its objectives.
 
     ``overrides`` replace FLAVA constructor arguments (e.g. ``lr``, ``streams``, ``compile``); the HF codebook,
     when the checkpoint has one, becomes the model's image tokenizer.
@@ -262,4 +322,5 @@ def flava_from_hf(source: Any, **overrides: Any):
     return model
 
 
-__all__ = ["flava_from_hf", "load_hf_flava_state", "load_hf_flava", "map_hf_state", "flava_kwargs_from_hf_config"]
+__all__ = ["flava_from_hf", "flava_core_from_hf", "flava_config_from_hf", "load_hf_flava_state", "load_hf_flava",
+           "map_hf_state", "flava_kwargs_from_hf_config"]

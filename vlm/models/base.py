@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -550,29 +550,48 @@ class VLMModule(L.LightningModule):
         for key, value in means.items():
             self.log(key, value, sync_dist=False, add_dataloader_idx=False, rank_zero_only=False)
 
+    def evaluators(self) -> Sequence[Any]:
+        """Held-out scorers run on every evaluation batch beside the losses (``vlm.evaluation.Evaluator``:
+        ``reset``, ``update(model, prefix, batch)``, ``log(model, prefix)``); none by default."""
+        return ()
+
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = {}
+        for evaluator in self.evaluators():
+            evaluator.reset()
 
     def on_test_epoch_start(self) -> None:
         self._eval_sums = {}
+        for evaluator in self.evaluators():
+            evaluator.reset()
 
     def on_validation_epoch_end(self) -> None:
+        for evaluator in self.evaluators():
+            evaluator.log(self, "val")
         self._log_captioning("val")
         self._log_eval_means()
 
     def on_test_epoch_end(self) -> None:
+        for evaluator in self.evaluators():
+            evaluator.log(self, "test")
         self._log_captioning("test")
         self._log_eval_means()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | dict | None:
         if self.is_prompt_batch(batch):
             return self._prompt_eval_step("val", batch)
-        return self._eval_step("val", batch)
+        loss = self._eval_step("val", batch)
+        for evaluator in self.evaluators():
+            evaluator.update(self, "val", batch)
+        return loss
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor | dict | None:
         if self.is_prompt_batch(batch):
             return self._prompt_eval_step("test", batch)
-        return self._eval_step("test", batch)
+        loss = self._eval_step("test", batch)
+        for evaluator in self.evaluators():
+            evaluator.update(self, "test", batch)
+        return loss
 
     # ------------------------------------------------------------------ inference (generative models)
     def generate_batch(self, batch: Mapping[str, Any]) -> Tensor:

@@ -1,16 +1,25 @@
 """FLAVA (Singh et al., 2022): image encoder + text encoder + multimodal encoder, trained by pluggable objectives.
 
-The model owns towers, projections, masking and an optional image tokenizer; the losses (GC, ITM, MMM, MIM,
-MLM) live in ``vlm.objectives`` and ask the model for what they need through the capability methods below.
-Every capability memoises in the step's ``StepCache``, so objectives that share an input share one pass:
-on a pair batch with GC + ITM + MMM the image and text towers run once unmasked (GC) and once masked
-(ITM/MMM), and the multimodal encoder runs once.
+Two layers, as every model family here:
+
+* :class:`FLAVACore`, a plain ``nn.Module`` built from a :class:`FLAVAConfig` (named sizes in ``SIZES``): the
+  three towers (timm ViT, text encoder, fusion encoder), the projections into the fusion encoder and into the
+  contrastive space, and the optional image tokenizer (MIM/MMM targets). Its helpers (``image_pass``,
+  ``text_pass``, ``fuse``, ``encode_image``, ``encode_text``) are plain functions of their inputs.
+* :class:`FLAVA`, the thin LightningModule on :class:`~vlm.models.base.VLMModule`: masking and the capability
+  methods the objectives (GC, ITM, MMM, MIM, MLM in ``vlm.objectives``) ask for. Every capability memoises in
+  the step's ``StepCache``, so objectives that share an input share one pass: on a pair batch with
+  GC + ITM + MMM the image and text towers run once unmasked (GC) and once masked (ITM/MMM), and the
+  multimodal encoder runs once. Zero-shot retrieval and classification of held-out batches are evaluators
+  (``vlm.evaluation``) that the base module runs beside the losses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +30,9 @@ from vlm.checkpoint import keep_plain_hparams
 from vlm.encoders.text import PreNormStack, TextConfig, attention_bias, build_text_encoder, check_vocab
 from vlm.encoders.vision import VisionConfig, build_codebook, build_vit, coerce_numbers, patchify
 from vlm.errors import MissingBatchField, VLMConfigError
+from vlm.evaluation import RetrievalEvaluator, ZeroShotEvaluator
 from vlm.models.base import VLMModule
+from vlm.models.sizes import sized_fields
 from vlm.objectives.base import Objective, StepCache, generator_of
 
 #: FLAVA's default streams and objectives: pairs train GC + ITM + MMM, images MIM, text MLM.
@@ -33,6 +44,30 @@ DEFAULT_STREAMS: dict[str, dict[str, float]] = {
 #: BERT uncased WordPiece ids of [PAD], [UNK], [CLS], [SEP], [MASK] (FLAVA's tokenizer)
 BERT_SPECIAL_IDS = (0, 100, 101, 102, 103)
 FUSION_INPUTS = ("last_layer", "final")
+#: the core's parts, which sat at the top of the LightningModule (and of its checkpoints) before ``core``
+CORE_PARTS = ("image_encoder", "text_encoder", "multimodal_encoder", "image_to_mm_projection",
+              "text_to_mm_projection", "image_projection", "text_projection", "image_codebook")
+
+#: named sizes. ``tiny``: CPU tests and the demo (three 2-layer towers of width 128, 64 px images, 8 px patches);
+#: ``base``: the paper's (ViT-B/16 image and text towers, a 6-layer fusion encoder, BERT's 30522-token vocabulary),
+#: also what an empty config gives. Random init; ``pretrained`` keys or ``image_codebook`` bring weights.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": {"image_size": 64, "patch_size": 8, "hidden": 128, "layers": 2, "heads": 4, "mlp_ratio": 4.0,
+                   "layer_norm_eps": 1e-12},
+        "text": {"kind": "flava", "vocab_size": 30522, "hidden": 128, "layers": 2, "heads": 4, "max_positions": 64},
+        "multimodal": {"hidden": 128, "layers": 2, "heads": 4},
+        "projection_dim": 128,
+    },
+    "base": {
+        "vision": {"image_size": 224, "patch_size": 16, "hidden": 768, "layers": 12, "heads": 12, "mlp_ratio": 4.0,
+                   "layer_norm_eps": 1e-12},
+        "text": {"kind": "flava", "vocab_size": 30522, "hidden": 768, "layers": 12, "heads": 12,
+                 "max_positions": 512},
+        "multimodal": {"hidden": 768, "layers": 6, "heads": 12},
+        "projection_dim": 768,
+    },
+}
 
 
 def default_objectives() -> dict[str, Objective]:
@@ -75,134 +110,90 @@ class MultimodalEncoder(nn.Module):
         return out
 
 
-class FLAVA(VLMModule):
-    """FLAVA as a LightningModule: towers + projections + masking; losses come from the configured objectives.
+def _plain_fields(value: Any) -> Any:
+    """A tower config given as a dataclass (``VisionConfig``, ``TextConfig``) as its dict of fields."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
+@dataclass
+class FLAVAConfig:
+    """Everything that shapes a :class:`FLAVACore`.
 
     Args:
-        vision: image tower config (``VisionConfig`` fields: sizes, ``timm_name``, ``pretrained``).
-        text: text tower config (``TextConfig`` fields: ``kind`` flava|hf, sizes, ``pretrained``, ``hf_config``).
-        multimodal: fusion encoder sizes (``hidden``, ``layers``, ``heads``, ``mlp_ratio``, ``layer_norm_eps``, ...).
+        vision: image tower, ``VisionConfig`` fields (``image_size``, ``patch_size``, ``hidden``, ``layers``,
+            ``heads``, ``mlp_ratio``, ``timm_name``, ``pretrained``, ...); missing keys take its defaults.
+        text: text tower, ``TextConfig`` fields (``kind`` flava|hf, ``vocab_size``, ``hidden``, ``layers``,
+            ``heads``, ``max_positions``, ``pretrained``, ``hf_config``, ...).
+        multimodal: fusion encoder, ``MultimodalEncoder`` arguments (``hidden``, ``layers``, ``heads``,
+            ``mlp_ratio``, ``layer_norm_eps``, ...).
         projection_dim: size of the contrastive embeddings.
-        objectives: named objectives (default: FLAVA's gc, itm, mmm, mim, mlm).
-        streams: objectives and weights per data stream (default: pairs -> gc+itm+mmm, images -> mim, text -> mlm).
-        pretrained_text: hub name or local dir of a Hugging Face encoder to start the text tower from (kind "hf").
-        pretrained_image: checkpoint file/dir or timm/hub name to start the image tower from.
-        image_codebook: MIM tokenizer: hub name / local dir of a ``FlavaImageCodebook``, a codebook config dict
-            (random init), the object itself, or None (MIM/MMM then use pixel targets unless batches carry mim_labels).
-        codebook_size: image-vocabulary size for the heads when no codebook is loaded but batches carry mim_labels.
-        mask_token_id: id of [MASK] in the tokenizer (text masking on the fly).
-        special_token_ids: ids that are never masked ([PAD], [CLS], [SEP], ...).
-        text_mask_prob: share of text tokens picked for MLM/MMM.
-        image_mask_ratio: share of patches masked by block masking (MIM/MMM).
-        image_mask_min_patches: smallest block of the block masking.
+        image_codebook: MIM/MMM image tokenizer: hub name or local dir of a ``FlavaImageCodebook``, a codebook config
+            dict (random init), or None (pixel targets unless batches carry ``mim_labels``).
+        codebook_size: image-vocabulary size of the heads when no codebook is loaded but batches carry mim_labels.
         fusion_input: what the fusion encoder reads from each tower: ``last_layer`` (the last block before the
             final norm, as FLAVA/HF) or ``final`` (the normed output).
-        contrastive_from_masked: compute GC embeddings from the masked passes (saves the two unmasked tower
-            passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
-        tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
-        activation_checkpointing: recompute tower blocks in backward (memory for compute).
-        compile: ``true``/``"towers"``: ``torch.compile`` the three towers for training steps (evaluation runs
-            them eagerly: no recompiles, see ``_tower``); ``"step"``: compile the whole loss
-            computation of a training step (towers, fusion, heads, losses: one graph for GC, ITM with
-            in-batch or shuffled negatives, MMM, MIM and MLM; see ``VLMModule``).
-        compile_options: ``torch.compile`` arguments for either scope, e.g. ``{mode: max-autotune-no-cudagraphs}``.
-        zeroshot_class_names: class names for zero-shot classification in validation.
-        zeroshot_templates: prompt templates with ``{}`` for the class name.
-        tokenizer: hub name or local dir of the tokenizer used to encode zero-shot prompts.
-        lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio, seed, max_nonfinite_steps: see
-            ``VLMModule``.
     """
 
-    def __init__(
-        self,
-        vision: dict | None = None,
-        text: dict | None = None,
-        multimodal: dict | None = None,
-        projection_dim: int = 768,
-        objectives: Mapping[str, Objective] | None = None,
-        streams: Mapping[str, Mapping[str, float]] | None = None,
-        pretrained_text: str | None = None,
-        pretrained_image: str | None = None,
-        image_codebook: Any = None,
-        codebook_size: int | None = None,
-        mask_token_id: int = 103,
-        special_token_ids: Sequence[int] = BERT_SPECIAL_IDS,
-        text_mask_prob: float = 0.15,
-        image_mask_ratio: float = 0.4,
-        image_mask_min_patches: int = 16,
-        fusion_input: str = "last_layer",
-        contrastive_from_masked: bool = False,
-        tokenizer_vocab_size: int | None = None,
-        activation_checkpointing: bool = False,
-        compile: bool | str = False,
-        compile_options: dict | None = None,
-        zeroshot_class_names: Sequence[str] | None = None,
-        zeroshot_templates: Sequence[str] | None = None,
-        tokenizer: str | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.0,
-        seed: int = 0,
-        max_nonfinite_steps: int | None = 3,
-    ) -> None:
-        super().__init__(
-            objectives=default_objectives() if objectives is None else objectives,
-            streams=DEFAULT_STREAMS if streams is None else streams,
-            lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio, seed=seed, compile=compile, compile_options=compile_options,
-            max_nonfinite_steps=max_nonfinite_steps,
-        )
-        if fusion_input not in FUSION_INPUTS:
-            raise VLMConfigError(f"fusion_input={fusion_input!r}: use one of {FUSION_INPUTS}.")
-        # objectives stay in hparams when they are config (LightningCLI), so a checkpoint rebuilds their heads;
-        # objects (built in Python) are left out, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=[] if isinstance(image_codebook, (str, dict, type(None))) else ["image_codebook"])
-        keep_plain_hparams(self)
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    multimodal: dict = field(default_factory=dict)
+    projection_dim: int = 768
+    image_codebook: str | dict | None = None
+    codebook_size: int | None = None
+    fusion_input: str = "last_layer"
 
-        vcfg = VisionConfig.from_any(vision)
-        if pretrained_image is not None:
-            vcfg.pretrained = pretrained_image
-        tcfg = TextConfig.from_any(text)
-        if pretrained_text is not None:
-            tcfg.kind, tcfg.pretrained = "hf", pretrained_text
-        mcfg = dict(hidden=768, layers=6, heads=12, mlp_ratio=4.0, layer_norm_eps=1e-12)
-        unknown = sorted(set(multimodal or {}) - set(inspect.signature(MultimodalEncoder).parameters))
+    @classmethod
+    def named(cls, size: str | None, overrides: Mapping[str, Any] | None = None) -> FLAVAConfig:
+        """The config of a named size (``SIZES``; None: the defaults) with ``overrides`` laid over it (tower
+        dicts merge key by key)."""
+        overrides = {k: _plain_fields(v) for k, v in (overrides or {}).items()}
+        base = sized_fields("FLAVA", SIZES, (f.name for f in dataclasses.fields(cls)), size, overrides)
+        cfg = cls(**base)
+        if cfg.fusion_input not in FUSION_INPUTS:
+            raise VLMConfigError(f"fusion_input={cfg.fusion_input!r}: use one of {FUSION_INPUTS}.")
+        return cfg
+
+
+class FLAVACore(nn.Module):
+    """FLAVA's towers, projections and image tokenizer, with the passes the objectives are built from.
+
+    ``eager=True`` on a helper calls a tower's uncompiled ``_call_impl`` (what ``nn.Module.compile`` wraps): the
+    same weights and results with nothing to compile, for evaluation when the towers are compiled for training.
+    """
+
+    def __init__(self, cfg: FLAVAConfig | None = None, image_codebook: Any = None) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else FLAVAConfig()
+        if cfg.fusion_input not in FUSION_INPUTS:
+            raise VLMConfigError(f"fusion_input={cfg.fusion_input!r}: use one of {FUSION_INPUTS}.")
+        self.cfg = cfg
+        mm_params = inspect.signature(MultimodalEncoder).parameters
+        unknown = sorted(set(cfg.multimodal or {}) - set(mm_params))
         if unknown:
-            raise VLMConfigError(f"Unknown key(s) {unknown} in the multimodal config.")
-        mcfg.update(coerce_numbers(dict(multimodal or {}), {k: p.annotation for k, p in
-                                   inspect.signature(MultimodalEncoder).parameters.items()}, "multimodal"))
+            raise VLMConfigError(f"Unknown key(s) {unknown} in the multimodal config; known keys: {sorted(mm_params)}.")
+        mcfg = dict(hidden=768, layers=6, heads=12, mlp_ratio=4.0, layer_norm_eps=1e-12)
+        mcfg.update(coerce_numbers(dict(cfg.multimodal or {}), {k: p.annotation for k, p in mm_params.items()},
+                                   "multimodal"))
 
-        self.image_encoder = build_vit(vcfg)
-        self.text_encoder = build_text_encoder(tcfg, vocab_size=tokenizer_vocab_size)
+        # built in this order so that one seed gives the weights FLAVA had before the core existed
+        self.image_encoder = build_vit(VisionConfig.from_any(dict(_plain_fields(cfg.vision) or {})))
+        self.text_encoder = build_text_encoder(TextConfig.from_any(dict(_plain_fields(cfg.text) or {})))
         self.multimodal_encoder = MultimodalEncoder(**mcfg)
         image_hidden, text_hidden = self.image_encoder.hidden_size, self.text_encoder.hidden_size
         mm_hidden = self.multimodal_encoder.hidden_size
         self.image_to_mm_projection = nn.Linear(image_hidden, mm_hidden)
         self.text_to_mm_projection = nn.Linear(text_hidden, mm_hidden)
-        self.image_projection = nn.Linear(image_hidden, projection_dim)
-        self.text_projection = nn.Linear(text_hidden, projection_dim)
+        self.image_projection = nn.Linear(image_hidden, int(cfg.projection_dim))
+        self.text_projection = nn.Linear(text_hidden, int(cfg.projection_dim))
         for lin in (self.image_to_mm_projection, self.text_to_mm_projection, self.image_projection,
                     self.text_projection):
             nn.init.trunc_normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
-        self.image_codebook = build_codebook(image_codebook)
+        self.image_codebook = build_codebook(image_codebook if image_codebook is not None else cfg.image_codebook)
 
-        self.mask_token_id = int(mask_token_id)
-        self.special_token_ids = tuple(int(i) for i in special_token_ids)
-        self.text_mask_prob, self.image_mask_ratio = float(text_mask_prob), float(image_mask_ratio)
-        self.image_mask_min_patches = int(image_mask_min_patches)
-        self.fusion_input = fusion_input
-        self.contrastive_from_masked = bool(contrastive_from_masked)
-        self._vocab_checked = False
-        # (post-norm output, fusion input) of this step's tower passes: lets ``fuse`` map rows handed to it
-        # by an objective (e.g. ITM negatives) back to the pre-norm states FLAVA fuses. Cleared every step.
-        self._mm_image_tokens = 1 + self.image_encoder.num_patches
-
-        codebook = self.image_codebook.vocab_size if self.image_codebook is not None else codebook_size
+        codebook = self.image_codebook.vocab_size if self.image_codebook is not None else cfg.codebook_size
         p = self.image_encoder.patch_size
+        #: sizes the objectives' heads are built from
         self.dims: dict[str, Any] = {
             "text_hidden": text_hidden,
             "image_hidden": image_hidden,
@@ -214,22 +205,249 @@ class FLAVA(VLMModule):
             "hidden_act": "gelu",
         }
 
-        self.zeroshot_class_names = list(zeroshot_class_names) if zeroshot_class_names else None
-        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
+    def towers(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(image, text, multimodal) encoders: the units that compile and checkpoint activations."""
+        return self.image_encoder, self.text_encoder, self.multimodal_encoder
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every tower's blocks in the backward pass instead of storing their activations."""
+        for tower in self.towers():
+            tower.set_grad_checkpointing(enable)
+
+    @staticmethod
+    def _call(tower: nn.Module, eager: bool):
+        return tower._call_impl if eager else tower
+
+    # ------------------------------------------------------------------ unimodal passes
+    def image_pass(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
+                   eager: bool = False) -> tuple[Tensor, Tensor]:
+        """(output ``[B,1+N,D]`` after the final norm, CLS first; last block's output before it); masked patches
+        (``bool_masked_pos[B,N]``, True = masked) replaced by the mask token."""
+        return self._call(self.image_encoder, eager)(pixel_values, bool_masked_pos, return_pre_norm=True)
+
+    def text_pass(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  token_type_ids: Tensor | None = None, eager: bool = False) -> tuple[Tensor, Tensor]:
+        """(output ``[B,L,D]`` after the final norm; last block's output before it)."""
+        return self._call(self.text_encoder, eager)(input_ids, attention_mask, token_type_ids, return_pre_norm=True)
+
+    def fusion_state(self, output: Tensor, pre_norm: Tensor) -> Tensor:
+        """What the fusion encoder reads of a tower pass (``fusion_input``)."""
+        return pre_norm if self.cfg.fusion_input == "last_layer" else output
+
+    # ------------------------------------------------------------------ fusion
+    def fuse(self, image_state: Tensor, text_state: Tensor, text_attention_mask: Tensor | None = None,
+             eager: bool = False) -> Tensor:
+        """Multimodal hidden ``[B,1+Ni+L,D]`` (multimodal CLS, image tokens, text tokens) of the towers' states."""
+        tokens = torch.cat([self.image_to_mm_projection(image_state), self.text_to_mm_projection(text_state)], dim=1)
+        mask = None
+        if text_attention_mask is not None:
+            mask = torch.cat([text_attention_mask.new_ones(image_state.shape[:2]), text_attention_mask], dim=1)
+        return self._call(self.multimodal_encoder, eager)(tokens, mask)
+
+    @staticmethod
+    def split_multimodal(hidden: Tensor, num_image_tokens: int) -> tuple[Tensor, Tensor]:
+        """(image part ``[B,Ni,D]`` with the image CLS first, text part ``[B,L,D]``) of a fused output."""
+        return hidden[:, 1:1 + num_image_tokens], hidden[:, 1 + num_image_tokens:]
+
+    # ------------------------------------------------------------------ contrastive
+    def image_embedding(self, image_hidden: Tensor) -> Tensor:
+        """L2-normalised contrastive embedding from the image encoder's CLS."""
+        return F.normalize(self.image_projection(image_hidden[:, 0]), dim=-1)
+
+    def text_embedding(self, text_hidden: Tensor) -> Tensor:
+        """L2-normalised contrastive embedding from the text encoder's first ([CLS]) token."""
+        return F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)
+
+    def encode_image(self, pixel_values: Tensor, eager: bool = False) -> Tensor:
+        """Contrastive image embeddings ``[B,E]``."""
+        return self.image_embedding(self._call(self.image_encoder, eager)(pixel_values))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, eager: bool = False) -> Tensor:
+        """Contrastive text embeddings ``[B,E]``."""
+        return self.text_embedding(self._call(self.text_encoder, eager)(input_ids, attention_mask))
+
+    def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> dict[str, Tensor]:
+        """Unmasked passes of whatever is given: ``image_hidden``/``image_embedding`` for images,
+        ``text_hidden``/``text_embedding`` for text and, with both, ``multimodal_hidden`` (as transformers'
+        ``FlavaModel``: ``image_embeddings``, ``text_embeddings``, ``multimodal_embeddings``)."""
+        out: dict[str, Tensor] = {}
+        if pixel_values is not None:
+            image, image_pre = self.image_pass(pixel_values)
+            out.update(image_hidden=image, image_embedding=self.image_embedding(image))
+        if input_ids is not None:
+            text, text_pre = self.text_pass(input_ids, attention_mask, token_type_ids)
+            out.update(text_hidden=text, text_embedding=self.text_embedding(text))
+        if pixel_values is not None and input_ids is not None:
+            out["multimodal_hidden"] = self.fuse(self.fusion_state(image, image_pre),
+                                                 self.fusion_state(text, text_pre), attention_mask)
+        return out
+
+
+def _core_property(name: str) -> property:
+    return property(lambda self: getattr(self.core, name), doc=f"``core.{name}``")
+
+
+def _legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints written before the core existed hold its parts at the top level: move them under ``core.``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        top = key[len(prefix):].split(".", 1)[0]
+        if top in CORE_PARTS:
+            state_dict[f"{prefix}core.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
+class FLAVA(VLMModule):
+    """FLAVA as a LightningModule: a :class:`FLAVACore` + masking; losses come from the configured objectives.
+
+    Args:
+        size: a named size of ``SIZES`` ('tiny', 'base') or null (the defaults, which are 'base'); the
+            architecture arguments below override it.
+        vision, text, multimodal, projection_dim, image_codebook, codebook_size, fusion_input:
+            :class:`FLAVAConfig` fields (tower dicts merge key by key over the size's).
+        config: further :class:`FLAVAConfig` fields (a dict or a ``FLAVAConfig``), under the arguments above.
+        pretrained_text: hub name or local dir of a Hugging Face encoder to start the text tower from (sets
+            ``text.kind: hf`` and ``text.pretrained``).
+        pretrained_image: checkpoint file/dir or timm/hub name to start the image tower from (``vision.pretrained``).
+        image_codebook: also a ``FlavaImageCodebook`` object (kept out of the hyperparameters).
+        objectives: named objectives (default: FLAVA's gc, itm, mmm, mim, mlm).
+        streams: objectives and weights per data stream (default: pairs -> gc+itm+mmm, images -> mim, text -> mlm).
+        mask_token_id: id of [MASK] in the tokenizer (text masking on the fly).
+        special_token_ids: ids that are never masked ([PAD], [CLS], [SEP], ...).
+        text_mask_prob: share of text tokens picked for MLM/MMM.
+        image_mask_ratio: share of patches masked by block masking (MIM/MMM).
+        image_mask_min_patches: smallest block of the block masking.
+        contrastive_from_masked: compute GC embeddings from the masked passes (saves the two unmasked tower
+            passes when GC shares a step with ITM/MMM; FLAVA uses unmasked passes).
+        tokenizer_vocab_size: the tokenizer's size, checked against the text tower (one clear error if they differ).
+        activation_checkpointing: recompute tower blocks in backward (memory for compute).
+        zeroshot_class_names: class names for zero-shot classification of held-out batches with ``class_index``.
+        zeroshot_templates: prompt templates with ``{}`` for the class name.
+        tokenizer: hub name or local dir of the tokenizer that encodes zero-shot prompts (checked against the
+            text tower at construction).
+        **kwargs: the optimiser and run settings of :class:`~vlm.models.base.VLMModule` (``lr``,
+            ``weight_decay``, ``betas``, ``warmup_steps``, ``lr_schedule``, ``min_lr_ratio``, ``seed``,
+            ``max_nonfinite_steps``, and ``compile``: ``true``/``"towers"`` compiles the three towers for
+            training steps (evaluation runs them eagerly, see ``_eager``), ``"step"`` the whole loss
+            computation of a training step; ``compile_options``: ``torch.compile`` arguments for either scope).
+
+    Held-out batches are scored by ``evaluators()`` beside the losses: retrieval R@1/5/10 of batches with
+    ``pair_id`` (``val/retrieval/t2i_R@1``, ...) and zero-shot top-1 of batches with ``class_index``
+    (``val/zeroshot/top1``), over every rank's rows.
+    """
+
+    def __init__(
+        self,
+        size: str | None = "base",
+        vision: dict | None = None,
+        text: dict | None = None,
+        multimodal: dict | None = None,
+        projection_dim: int | None = None,
+        image_codebook: Any = None,
+        codebook_size: int | None = None,
+        fusion_input: str | None = None,
+        config: dict | None = None,
+        objectives: Mapping[str, Objective] | None = None,
+        streams: Mapping[str, Mapping[str, float]] | None = None,
+        pretrained_text: str | None = None,
+        pretrained_image: str | None = None,
+        mask_token_id: int = 103,
+        special_token_ids: Sequence[int] = BERT_SPECIAL_IDS,
+        text_mask_prob: float = 0.15,
+        image_mask_ratio: float = 0.4,
+        image_mask_min_patches: int = 16,
+        contrastive_from_masked: bool = False,
+        tokenizer_vocab_size: int | None = None,
+        activation_checkpointing: bool = False,
+        zeroshot_class_names: Sequence[str] | None = None,
+        zeroshot_templates: Sequence[str] | None = None,
+        tokenizer: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            objectives=default_objectives() if objectives is None else objectives,
+            streams=DEFAULT_STREAMS if streams is None else streams,
+            **kwargs,
+        )
+        # objectives stay in hparams when they are config (LightningCLI), so a checkpoint rebuilds their heads;
+        # objects (built in Python) are left out, so checkpoints load with torch.load(weights_only=True)
+        codebook_object = not isinstance(image_codebook, (str, dict, type(None)))
+        self.save_hyperparameters(ignore=["image_codebook"] if codebook_object else [])
+        keep_plain_hparams(self)
+
+        overrides = dict(_plain_fields(config) or {})
+        for k, v in (("vision", vision), ("text", text), ("multimodal", multimodal),
+                     ("projection_dim", projection_dim), ("codebook_size", codebook_size),
+                     ("fusion_input", fusion_input), ("image_codebook", None if codebook_object else image_codebook)):
+            if v is not None:
+                overrides[k] = v
+        if pretrained_image is not None:
+            overrides["vision"] = {**(_plain_fields(overrides.get("vision")) or {}), "pretrained": pretrained_image}
+        if pretrained_text is not None:
+            overrides["text"] = {**(_plain_fields(overrides.get("text")) or {}), "kind": "hf",
+                                 "pretrained": pretrained_text}
+        self.config = FLAVAConfig.named(size, overrides)
+        self.core = FLAVACore(self.config, image_codebook=image_codebook if codebook_object else None)
+        if tokenizer_vocab_size is not None:
+            check_vocab(self.core.text_encoder, tokenizer_vocab_size)
+        self.register_load_state_dict_pre_hook(_legacy_keys)
+        self.dims = dict(self.core.dims)
+
+        self.mask_token_id = int(mask_token_id)
+        self.special_token_ids = tuple(int(i) for i in special_token_ids)
+        self.text_mask_prob, self.image_mask_ratio = float(text_mask_prob), float(image_mask_ratio)
+        self.image_mask_min_patches = int(image_mask_min_patches)
+        self.contrastive_from_masked = bool(contrastive_from_masked)
+        self._vocab_checked = False
+        # image tokens of the latest fusion, for ``split_multimodal`` (the objectives' capability takes the
+        # fused output only)
+        self._mm_image_tokens = 1 + self.core.image_encoder.num_patches
+
         self.tokenizer_source = tokenizer
         self._tokenizer = None
         if tokenizer is not None:  # a vocabulary that doesn't match the text tower fails here, not mid-run
-            check_vocab(self.text_encoder, self._get_tokenizer())
-        self._val_retrieval: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stream -> (image, text, id) rows
+            from vlm.data.tokenizers import load_tokenizer
+
+            # "minilm" (FLAVA's uncased WordPiece, shipped offline), a local dir or a hub name
+            self._tokenizer = load_tokenizer(tokenizer)
+            check_vocab(self.core.text_encoder, self._tokenizer)
+        # what zero-shot classification scores (also read by checks of evaluation streams' class lists)
+        self.zeroshot_class_names = list(zeroshot_class_names) if zeroshot_class_names else None
+        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else ["a photo of a {}."]
+        self._evaluators: list = [RetrievalEvaluator()]
+        if self.zeroshot_class_names:
+            if self._tokenizer is None:
+                raise VLMConfigError(
+                    "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
+                    "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
+                )
+            self._evaluators.append(ZeroShotEvaluator(self.zeroshot_class_names, self.zeroshot_templates,
+                                                      self._tokenizer))
 
         if activation_checkpointing:
-            for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
-                tower.set_grad_checkpointing(True)
+            self.core.set_grad_checkpointing(True)
         if self.compile_scope == "towers":
-            for tower in (self.image_encoder, self.text_encoder, self.multimodal_encoder):
+            for tower in self.core.towers():
                 tower.compile(**self.compile_options)  # in place: parameter names (and checkpoints) stay unchanged
-                # (training steps only: see ``_tower``)
+                # (training steps only: see ``_eager``)
         self.attach_objectives()
+
+    # the core's parts under their old names (``model.image_encoder`` ...), read-only
+    image_encoder = _core_property("image_encoder")
+    text_encoder = _core_property("text_encoder")
+    multimodal_encoder = _core_property("multimodal_encoder")
+    image_to_mm_projection = _core_property("image_to_mm_projection")
+    text_to_mm_projection = _core_property("text_to_mm_projection")
+    image_projection = _core_property("image_projection")
+    text_projection = _core_property("text_projection")
+    image_codebook = _core_property("image_codebook")
+
+    @property
+    def fusion_input(self) -> str:
+        return self.config.fusion_input
+
+    def evaluators(self) -> list:
+        """Retrieval over held-out pairs, and zero-shot classification when class names are configured."""
+        return self._evaluators
 
     # ============================================================== helpers
     @staticmethod
@@ -293,8 +511,8 @@ class FLAVA(VLMModule):
         return (self.compile_scope == "towers" and self._compile_this_step and self.training
                 and torch.is_grad_enabled())
 
-    def _tower(self, tower: nn.Module):
-        """How to call ``tower`` now: compiled in training steps, eager everywhere else (``compile: towers``).
+    def _eager(self) -> bool:
+        """Whether the towers run eagerly now: always, except in training steps under ``compile: towers``.
 
         Every distinct call signature of a compiled tower is one more compilation (grad mode, ``None`` or a
         mask tensor, ``return_pre_norm``, new shapes each guard the graph): sanity validation, the unmasked and
@@ -304,11 +522,9 @@ class FLAVA(VLMModule):
         size), always with one signature per tower (``_image_pass`` hands an all-False mask to unmasked
         passes: ``torch.where`` keeps every embedding exactly; ``return_pre_norm`` always), and evaluation and
         inference (validation, ``encode_image``/``encode_text``, prompts) run the same modules' uncompiled
-        ``_call_impl`` (what ``nn.Module.compile`` wraps): the same weights and results, nothing to compile.
+        ``_call_impl`` (``FLAVACore``'s ``eager``): the same weights and results, nothing to compile.
         """
-        if self.compile_scope == "towers" and not self._compiled_towers_now():
-            return tower._call_impl  # eager: nn.Module.compile compiles only __call__
-        return tower
+        return self.compile_scope == "towers" and not self._compiled_towers_now()
 
     # ============================================================== masking
     def text_masking(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
@@ -356,12 +572,11 @@ class FLAVA(VLMModule):
         def compute():
             pixels = self._field(batch, "pixel_values", "the image encoder")
             mask = self.image_masking(batch, cache) if masked else None
-            if mask is None and self._compiled_towers_now():  # one signature for the compiled tower (see _tower)
+            if mask is None and self._compiled_towers_now():  # one signature for the compiled tower (see _eager)
                 p = self.image_encoder.patch_size
                 mask = torch.zeros(pixels.shape[0], (pixels.shape[-2] // p) * (pixels.shape[-1] // p),
                                    dtype=torch.bool, device=pixels.device)
-            out, pre = self._tower(self.image_encoder)(pixels, mask, return_pre_norm=True)
-            return out, pre
+            return self.core.image_pass(pixels, mask, eager=self._eager())
 
         return cache.get_or(("image_pass", bool(masked)), compute)
 
@@ -369,9 +584,8 @@ class FLAVA(VLMModule):
         def compute():
             ids = self.text_masking(batch, cache)[0] if masked else self._field(batch, "input_ids", "the text encoder")
             self._check_vocab_once(ids)
-            out, pre = self._tower(self.text_encoder)(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
-                                                      return_pre_norm=True)
-            return out, pre
+            return self.core.text_pass(ids, batch.get("attention_mask"), batch.get("token_type_ids"),
+                                       eager=self._eager())
 
         return cache.get_or(("text_pass", bool(masked)), compute)
 
@@ -405,20 +619,13 @@ class FLAVA(VLMModule):
 
     # ============================================================== fusion
     def _fuse(self, image_state: Tensor, text_state: Tensor, text_attention_mask: Tensor | None) -> Tensor:
-        tokens = torch.cat([self.image_to_mm_projection(image_state), self.text_to_mm_projection(text_state)], dim=1)
-        mask = None
-        if text_attention_mask is not None:
-            mask = torch.cat([text_attention_mask.new_ones(image_state.shape[:2]), text_attention_mask], dim=1)
         self._mm_image_tokens = int(image_state.shape[1])
-        return self._tower(self.multimodal_encoder)(tokens, mask)
+        return self.core.fuse(image_state, text_state, text_attention_mask, eager=self._eager())
 
     def _fusion_inputs(self, batch, cache, masked: bool) -> tuple[Tensor, Tensor]:
         """What FLAVA fuses: each tower's last layer before its final norm (``last_layer``) or its output."""
-        image_out, image_pre = self._image_pass(batch, cache, masked)
-        text_out, text_pre = self._text_pass(batch, cache, masked)
-        if self.fusion_input == "last_layer":
-            return image_pre, text_pre
-        return image_out, text_out
+        return (self.core.fusion_state(*self._image_pass(batch, cache, masked)),
+                self.core.fusion_state(*self._text_pass(batch, cache, masked)))
 
     def fuse(self, batch: Mapping[str, Any], cache: StepCache, image_index: Tensor, text_index: Tensor,
              masked: bool = True) -> Tensor:
@@ -440,8 +647,7 @@ class FLAVA(VLMModule):
 
     def split_multimodal(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(image part ``[B,1+N,D]`` with the image CLS first, text part ``[B,L,D]``) of a fused output."""
-        n = self._mm_image_tokens
-        return hidden[:, 1:1 + n], hidden[:, 1 + n:]
+        return self.core.split_multimodal(hidden, self._mm_image_tokens)
 
     def positive_rows(self, batch: Mapping[str, Any], cache: StepCache) -> Tensor:
         """bool[B]: rows whose image and text match (``itm_labels != 0``; all rows if none or no labels)."""
@@ -459,11 +665,11 @@ class FLAVA(VLMModule):
     # ============================================================== contrastive
     def image_embedding(self, image_hidden: Tensor) -> Tensor:
         """L2-normalised contrastive embedding from the image encoder's CLS."""
-        return F.normalize(self.image_projection(image_hidden[:, 0]), dim=-1)
+        return self.core.image_embedding(image_hidden)
 
     def text_embedding(self, text_hidden: Tensor) -> Tensor:
         """L2-normalised contrastive embedding from the text encoder's first ([CLS]) token."""
-        return F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)
+        return self.core.text_embedding(text_hidden)
 
     def contrastive_embeddings(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
         """(image_emb, text_emb) ``[B,E]``, L2-normalised, from the unmasked passes (see ``contrastive_from_masked``)."""
@@ -484,9 +690,8 @@ class FLAVA(VLMModule):
             ids = self._field(batch, "negative_input_ids", "hard-negative captions")
             mask = batch.get("negative_attention_mask")
             b, k = ids.shape[:2]
-            out = self._tower(self.text_encoder)(ids.reshape(b * k, -1),
-                                                 None if mask is None else mask.reshape(b * k, -1),
-                                                 None, return_pre_norm=True)[0]
+            out = self.core.text_pass(ids.reshape(b * k, -1), None if mask is None else mask.reshape(b * k, -1),
+                                      eager=self._eager())[0]
             return self.text_embedding(out).reshape(b, k, -1)
 
         return cache.get_or("negative_text_embeddings", compute)
@@ -494,83 +699,12 @@ class FLAVA(VLMModule):
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """Contrastive image embeddings ``[B,E]`` (inference)."""
-        return self.image_embedding(self._tower(self.image_encoder)(pixel_values))
+        return self.core.encode_image(pixel_values, eager=self._eager())
 
     @torch.no_grad()
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Contrastive text embeddings ``[B,E]`` (inference)."""
-        return self.text_embedding(self._tower(self.text_encoder)(input_ids, attention_mask))
-
-    # ============================================================== validation: zero-shot metrics
-    def _get_tokenizer(self):
-        if self._tokenizer is None:
-            if self.tokenizer_source is None:
-                raise VLMConfigError(
-                    "Zero-shot classification needs the model's `tokenizer` (hub name or local dir) to encode "
-                    "the class prompts; set model.init_args.tokenizer or drop zeroshot_class_names."
-                )
-            from vlm.data.tokenizers import load_tokenizer
-
-            # "minilm" (FLAVA's uncased WordPiece, shipped offline), a local dir or a hub name
-            self._tokenizer = load_tokenizer(self.tokenizer_source)
-        return self._tokenizer
-
-    def _encode_prompts(self, texts: list[str]) -> Tensor:
-        tok = self._get_tokenizer()
-        enc = tok(texts, padding=True, truncation=True, max_length=min(77, getattr(tok, "model_max_length", 77)),
-                  return_tensors="pt")
-        return self.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._val_retrieval = {}
-        self._zeroshot_weights = None
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int = 0, dataloader_idx: int = 0):
-        loss = super().validation_step(batch, batch_idx, dataloader_idx)
-        stream = str(batch.get("stream"))
-        if batch.get("pair_id") is not None and batch.get("input_ids") is not None and "pixel_values" in batch:
-            rows = self._val_retrieval.setdefault(stream, [])
-            rows.append((self.encode_image(batch["pixel_values"]).float().cpu(),
-                         self.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu(),
-                         batch["pair_id"].reshape(-1).long().cpu()))
-        if batch.get("class_index") is not None and "pixel_values" in batch and self.zeroshot_class_names:
-            if getattr(self, "_zeroshot_weights", None) is None:
-                from vlm.metrics.retrieval import zero_shot_classifier
-
-                self._zeroshot_weights = zero_shot_classifier(
-                    self._encode_prompts, self.zeroshot_class_names, self.zeroshot_templates)
-            logits = self.encode_image(batch["pixel_values"]) @ self._zeroshot_weights.to(self.device).T
-            target = batch["class_index"].reshape(-1)
-            hits = (logits.argmax(-1) == target).float()[target >= 0]  # -1: the image has no class
-            self.accumulate_eval(f"val/zeroshot/top1@{stream}", hits.sum(), hits.numel())
-        return loss
-
-    def on_validation_epoch_end(self) -> None:
-        from vlm.metrics.retrieval import RetrievalRecall
-        from vlm.parallel import all_gather_objects
-
-        # Retrieval ranks every caption against every image of the split, whichever rank embedded them: the
-        # rows of all ranks are gathered (every rank takes part, also one that held no pairs batch).
-        local = {k: tuple(torch.cat(col) for col in zip(*rows)) for k, rows in self._val_retrieval.items()}
-        zs_keys = [k for k in self._eval_sums if k.startswith("val/zeroshot/top1@")]
-        gathered = all_gather_objects((local, {k.split("@", 1)[1] for k in zs_keys}))
-        streams = sorted(set().union(*(g[0] for g in gathered)))
-        for stream in streams:
-            parts = [g[0][stream] for g in gathered if stream in g[0]]
-            metric = RetrievalRecall(sync_on_compute=False)
-            metric.update(*(torch.cat(col) for col in zip(*parts)))
-            suffix = "" if len(streams) == 1 else f"/{stream}"
-            for k, v in metric.compute().items():
-                self.log(f"val/retrieval/{k}{suffix}", v.to(self.device), sync_dist=False)
-        self._val_retrieval = {}
-        # zero-shot accuracy: one mean over every rank's images (reduced with the losses by the base class);
-        # named per stream only when several streams (on any rank) carry classes
-        several = len(set().union(*(g[1] for g in gathered))) > 1
-        for k in zs_keys:
-            stream = k.split("@", 1)[1]
-            self._eval_sums[f"val/zeroshot/top1/{stream}" if several else "val/zeroshot/top1"] = self._eval_sums.pop(k)
-        super().on_validation_epoch_end()
+        return self.core.encode_text(input_ids, attention_mask, eager=self._eager())
 
     # ============================================================== throughput
     def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
@@ -606,7 +740,7 @@ class FLAVA(VLMModule):
                                       int(pixels.shape[-1]) if isinstance(pixels, Tensor) else None, passes)
 
 
-def flava_flops_per_sample(model: FLAVA, text_len: int, image_size: int | None = None,
+def flava_flops_per_sample(model: FLAVA | FLAVACore, text_len: int, image_size: int | None = None,
                            passes: Mapping[str, int] | None = None) -> float:
     """Analytic training FLOPs per sample (forward + backward = 3x forward) of the tower passes in ``passes``.
 
@@ -642,4 +776,5 @@ def flava_flops_per_sample(model: FLAVA, text_len: int, image_size: int | None =
     return 3.0 * fwd
 
 
-__all__ = ["FLAVA", "MultimodalEncoder", "DEFAULT_STREAMS", "default_objectives", "flava_flops_per_sample"]
+__all__ = ["FLAVA", "FLAVAConfig", "FLAVACore", "MultimodalEncoder", "SIZES", "DEFAULT_STREAMS", "default_objectives",
+           "flava_flops_per_sample"]
