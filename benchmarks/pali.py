@@ -82,32 +82,7 @@ def count(params) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def vit_forward_flops(vit: nn.Module, image_size: int) -> float:
-    """Forward FLOPs of a timm ViT on one image: patch embedding + ``depth`` blocks over all tokens."""
-    patch = vit.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-    n_patches = (image_size // patch) ** 2
-    n = n_patches + int(getattr(vit, "num_prefix_tokens", 1))
-    d = int(vit.embed_dim)
-    total = 2.0 * n_patches * (3 * patch * patch) * d  # the patch projection
-    for block in vit.blocks:
-        hidden = int(block.mlp.fc1.out_features)
-        total += 2.0 * n * (4 * d * d)  # qkv + output projection
-        total += 2.0 * 2 * n * n * d  # scores + weighted sum
-        total += 2.0 * 2 * n * d * hidden  # MLP
-    return total
-
-
-def t5_forward_flops(cfg, enc_len: int, dec_len: int, vocab: int) -> float:
-    """Forward FLOPs of a T5 encoder-decoder over ``enc_len`` encoder and ``dec_len`` decoder tokens, head included."""
-    d, inner, ff = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
-    ff_mats = 3 if getattr(cfg, "is_gated_act", False) else 2
-    s, t = enc_len, dec_len
-    enc = cfg.num_layers * (2.0 * s * 4 * d * inner + 2.0 * 2 * s * s * inner + 2.0 * ff_mats * s * d * ff)
-    dec_self = 2.0 * t * 4 * d * inner + 2.0 * 2 * t * t * inner
-    dec_cross = 2.0 * t * 2 * d * inner + 2.0 * s * 2 * d * inner + 2.0 * 2 * t * s * inner
-    dec = cfg.num_decoder_layers * (dec_self + dec_cross + 2.0 * ff_mats * t * d * ff)
-    return enc + dec + 2.0 * t * d * vocab
+from vlm.flops import t5_forward_flops, vit_forward_flops  # noqa: E402  (the counts vlm's Throughput uses)
 
 
 def flops_per_sample(model, image_size: int, prompt_len: int = PROMPT_LEN, target_len: int = TARGET_LEN) -> dict:

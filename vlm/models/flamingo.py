@@ -475,6 +475,48 @@ class Flamingo(VLMModule):
                     f"{where}.max_length={length} is longer than the LM's {positions} positions; lower it.")
 
     # ------------------------------------------------------------------ capability
+    def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
+        """Training FLOPs per sample (``vlm.flops`` conventions): the frozen vision tower's forward per real image
+        (no autograd), the resampler and the gated cross-attention blocks forward + backward (3x), and the LM's
+        forward + input gradients (2x frozen; 3x when it trains). None for a tower other than a timm ViT."""
+        from vlm.flops import attention_flops, causal_lm_forward_flops, matmul_weights, vit_forward_flops
+
+        core = self.core
+        ids, pixels = batch.get("input_ids"), batch.get("pixel_values")
+        vit = core.vision.model
+        if not isinstance(ids, Tensor) or not isinstance(pixels, Tensor) or not hasattr(vit, "blocks"):
+            return None
+        b, t = (int(x) for x in ids.shape)
+        media = int(pixels.shape[1])
+        frames = int(pixels.shape[2]) if pixels.dim() == 6 else 1
+        mask = batch.get("image_mask")
+        real = float(mask.float().sum()) / b if isinstance(mask, Tensor) else float(media)
+        size = int(pixels.shape[-1])
+        patches = core.vision.num_tokens(size)
+        vision = (1.0 if core.vision.frozen else 3.0) * real * frames * vit_forward_flops(vit, size)
+        lat = core.resampler.num_latents
+        tokens = frames * patches
+        resampler = 0.0
+        for layer in core.resampler.layers:
+            a = layer.attn
+            resampler += (2.0 * (tokens + lat) * a.to_kv.weight.numel()
+                          + 2.0 * lat * (a.to_q.weight.numel() + a.to_out.weight.numel() + matmul_weights(layer.ff))
+                          + attention_flops(lat, tokens + lat, a.heads * a.dim_head))
+        resampler *= media
+        xattn = 0.0
+        context = media * lat
+        for block in (m for m in core.lm.modules() if isinstance(m, GatedCrossAttentionBlock)):
+            a = block.attn
+            xattn += (2.0 * t * (a.to_q.weight.numel() + a.to_out.weight.numel() + matmul_weights(block.ff))
+                      + 2.0 * context * a.to_kv.weight.numel() + attention_flops(t, context, a.heads * a.dim_head))
+        layers = len(decoder_layers(core.lm))
+        lm = causal_lm_forward_flops(core.lm, layers, core.hidden_size, t, skip=(GatedCrossAttentionBlock,))
+        attention = layers * attention_flops(t, t, core.hidden_size)
+        # a frozen linear layer's backward is its input gradient only (1x); attention has no weights, and its
+        # backward takes the gradients of both of its inputs (2x), frozen LM or not
+        linear_passes = 2.0 if self.config.freeze_lm else 3.0
+        return vision + 3.0 * (resampler + xattn) + linear_passes * (lm - attention) + 3.0 * attention
+
     def lm_logits(self, batch: Mapping[str, Any], cache: StepCache) -> tuple[Tensor, Tensor]:
         """Logits and labels aligned for the captioning objective (position t predicts token t+1)."""
 

@@ -410,6 +410,31 @@ class PaLI(VLMModule):
         out = self.core.lm.generate(inputs_embeds=embeds, attention_mask=mask, **args)
         return out[:, 1:]
 
+    def flops_per_sample(self, batch: Mapping[str, Any]) -> float | None:
+        """Training FLOPs per sample (``vlm.flops`` conventions): the projection and the LM forward + backward
+        (3x) over image + prompt encoder tokens and the target's decoder tokens, plus the ViT's forward (1x when
+        frozen, 3x when it trains). None for an LM other than the T5 family or a tower other than a timm ViT."""
+        from vlm.flops import t5_forward_flops, vit_forward_flops
+
+        core, cfg = self.core, self.core.lm.config
+        if not all(hasattr(cfg, a) for a in ("d_model", "num_heads", "d_kv", "d_ff", "num_layers", "num_decoder_layers")):
+            return None
+        ids = batch.get("input_ids")
+        target = batch.get("labels") if batch.get("labels") is not None else batch.get("decoder_input_ids")
+        if not isinstance(ids, Tensor) or not isinstance(target, Tensor):
+            return None
+        pixels, patches, image = batch.get("pixel_values"), 0, 0.0
+        if isinstance(pixels, Tensor):
+            vit = core.vision.model
+            if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+                return None
+            size = int(pixels.shape[-1])
+            patches = core.vision.num_tokens(size)
+            vision_passes = 1.0 if core.vision.frozen else 3.0
+            image = vision_passes * vit_forward_flops(vit, size) + 3.0 * 2.0 * patches * core.proj.weight.numel()
+        lm = t5_forward_flops(cfg, patches + int(ids.shape[1]), int(target.shape[1]), int(core.vocab_size))
+        return image + 3.0 * lm
+
     def detect(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                **kwargs: Any) -> list[list[tuple[list[float], str]]]:
         """Generate for detection prompts and parse each output into ``(box_xyxy, label)`` pairs."""
