@@ -56,12 +56,15 @@ def run_rank(out: Path) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     final = {k: v.detach().cpu() for k, v in cli.model.state_dict().items()}
     torch.save(final, out / f"rank{rank}.pt")
-    changed = sorted(k for k in final if not torch.equal(final[k], initial[k]))
+    # bf16-mixed stores the frozen weight matrices in bf16 (frozen_dtype: auto): a weight moved if it changed
+    # beyond that rounding
+    changed = sorted(k for k in final if not torch.equal(final[k], initial[k].to(final[k].dtype)))
+    frozen_bf16 = sorted(k for k, p in cli.model.named_parameters() if not p.requires_grad and p.dtype == torch.bfloat16)
     cli2 = build(["--trainer.devices=2", "--trainer.limit_val_batches=1.0"])
     cli2.model.load_state_dict(final)
     metrics = cli2.trainer.validate(cli2.model, datamodule=cli2.datamodule, verbose=False)[0]
     (out / f"report{rank}.json").write_text(json.dumps({
-        "changed": changed, "global_step": cli.trainer.global_step,
+        "changed": changed, "global_step": cli.trainer.global_step, "frozen_bf16": frozen_bf16,
         "validate": {k: float(v) for k, v in metrics.items()}}))
 
 
@@ -83,6 +86,7 @@ def test_tiny_flamingo_under_ddp(tmp_path, monkeypatch):
     moved_frozen = [k for k in changed if k.startswith("core.vision.") or (
         k.startswith("core.lm.") and ".xattn." not in k and not k.endswith(".extra"))]
     assert moved_frozen == []
+    assert reports[0]["frozen_bf16"] and all(k.startswith(("core.vision.", "core.lm.")) for k in reports[0]["frozen_bf16"])
 
     # the single process on the same weights and prompts
     cli = build(["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.limit_val_batches=1.0"])
