@@ -23,3 +23,12 @@ torch.set_num_threads(_THREADS)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A fresh working directory for a CLI run: its own cache, wandb offline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return tmp_path

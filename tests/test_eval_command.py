@@ -33,14 +33,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 FLAVA_SMALL = ["--data.init_args.streams.pairs.init_args.dataset.init_args.num=128", *QUIET]
 
 
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    return tmp_path
-
-
 def save_fresh_checkpoint(args: list[str], path: Path) -> VLMCLI:
     """A Lightning checkpoint of the model the config builds (random init), as `vlm fit` would save one."""
     cli = VLMCLI(args=args, run=False)

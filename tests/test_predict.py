@@ -36,14 +36,6 @@ def _overlay(cfg: dict) -> list[str]:
     return ["--config", yaml.safe_dump(cfg)]
 
 
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    return tmp_path
-
-
 @pytest.mark.slow
 def test_fit_then_predict_and_validate_through_the_cli(run_dir):
     ckpt_dir = run_dir / "ckpt"

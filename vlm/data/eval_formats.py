@@ -26,7 +26,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from vlm.data.collate import CorruptSample, report_skip
-from vlm.data.readers import IMAGE_EXTS, decode_image, load_image_or_none
+from vlm.data.readers import IMAGE_EXTS, ImageFolder, decode_image
 from vlm.errors import VLMConfigError
 
 _PER = ("image", "caption")
@@ -189,7 +189,7 @@ class VQAv2(Dataset):
         return sample
 
 
-class ClassFolder(Dataset):
+class ClassFolder(ImageFolder):
     """Zero-shot classification images in ``root/<class name>/``: ``class_index`` is the folder's place in
     ``classes``.
 
@@ -199,7 +199,8 @@ class ClassFolder(Dataset):
             default: every sub-folder holding an image, sorted. Every listed folder must exist.
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None) -> None:  # noqa: D107
+        # ImageFolder's reading (image_sample) with its own item list: classes in the given order, no flat folder
         self.root = Path(os.path.expanduser(str(root)))
         if not self.root.is_dir():
             raise VLMConfigError(f"class folder root {str(self.root)!r} does not exist; give a directory of "
@@ -219,16 +220,8 @@ class ClassFolder(Dataset):
                       for p in sorted((self.root / name).iterdir()) if is_img(p)]
         self.stream_name: str | None = None
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        path, cls = self.items[index]
-        key = str(path.relative_to(self.root))
-        image = load_image_or_none(path, self.stream_name, key)
-        if image is None:
-            return None
-        return {"key": key, "image": image, "class_index": cls, "class_name": self.classes[cls]}
+        return self.image_sample(index)  # no pair_id: class images are not retrieval pairs
 
 
 def check_class_names(streams: dict[str, Any], model: Any, group: str = "val_streams") -> None:

@@ -663,13 +663,19 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def image_sample(self, index: int) -> dict[str, Any] | None:
+        """``key``, ``image`` and (in class folders) ``class_index``/``class_name`` of item ``index``; None when the
+        file does not decode (skipped and counted)."""
         path, cls = self.items[index]
         key = str(path.relative_to(self.root))
         image = load_image_or_none(path, self.stream_name, key)
         if image is None:
             return None
-        s: dict[str, Any] = {"key": key, "image": image, "pair_id": index}
+        s: dict[str, Any] = {"key": key, "image": image}
         if cls is not None:
             s["class_index"], s["class_name"] = cls, self.classes[cls]
         return s
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        s = self.image_sample(index)
+        return None if s is None else {**s, "pair_id": index}
