@@ -157,7 +157,7 @@ def build_vlm(args, tok_dir: Path):
     with torch.device(args.device):
         model = Flamingo(size=args.size, vision=vision_config(args.size), lm={"config": lm_config(args.size)},
                          tokenizer=str(tok_dir), config=dict(FLAMINGO_SHAPE), lr=1e-4, weight_decay=0.1,
-                         frozen_dtype=args.frozen_dtype)
+                         frozen_dtype=args.frozen_dtype, compile=args.compile)
     model = model.to(args.device).train()
     # what `vlm fit` does under bf16-mixed (Flamingo.setup, frozen_dtype: auto): frozen weights stored in bf16
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
@@ -482,6 +482,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per shape (default 3 cuda / 2 cpu)")
     parser.add_argument("--shapes", nargs="+", default=["pairs", "interleaved"], choices=["pairs", "interleaved"])
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda")
+    parser.add_argument("--compile", default="none", choices=["none", "step"],
+                        help="vlm's compile setting (step: the loss computation as one graph); open_flamingo stays eager")
     parser.add_argument("--frozen-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="vlm's Flamingo(frozen_dtype=...): auto stores the frozen weights in bf16 under bf16, as "
                              "`vlm fit` with bf16-mixed does; float32 keeps them fp32 (the figures before it existed)")

@@ -15,6 +15,7 @@
 # Row `flamingo` (on request: bash benchmarks/gpu_session.sh flamingo): benchmarks/flamingo.py, vlm's Flamingo vs
 # open_flamingo at base size (ViT-L/14 + OPT-1.3B shape), pairs and interleaved; needs open_flamingo, einops and
 # einops_exts importable (make install adds them with --no-deps), else it times vlm and reports the error.
+# Row `flamingo_compiled` (on request): vlm's Flamingo at base size with `--compile step`, vlm only.
 # Row `pali` (on request: bash benchmarks/gpu_session.sh pali): benchmarks/pali.py, vlm's PaLI vs the naive
 # timm ViT -> Linear -> T5ForConditionalGeneration step at base size (ViT-B/16 + T5-base shape, batch 64), eager,
 # then vlm with `--compile step` against the same naive baseline; MFU and the verdict (>= 35%, >= 2.4x).
@@ -49,6 +50,14 @@ flamingo() {  # vlm's Flamingo vs open_flamingo, base size, one model at a time 
         || echo "   (flamingo --frozen-dtype float32: no result within 120s or failed)"
 }
 
+flamingo_compiled() {  # vlm's Flamingo with `compile: step` (open_flamingo's eager figures come from the flamingo row)
+    local limit=$1
+    echo "== flamingo_compiled: benchmarks/flamingo.py --device cuda --size base --compile step --skip-open-flamingo"
+    timeout "$limit" "$py" benchmarks/flamingo.py --device cuda --size base --compile step --skip-open-flamingo \
+        --json "$out/flamingo_compiled.json" 2>&1 | grep -v -e Warning -e warn -e '^W[0-9]' -e 'output = func' \
+        || echo "   (flamingo_compiled: no result within ${limit}s or failed)"
+}
+
 pali() {  # vlm's PaLI vs the hand-written step, base size, one model at a time (each peak is its own)
     local limit=$1
     local compile part  # eager gets 150 s; the compiled step the rest (its first step compiled in 162 s on an H200)
@@ -79,7 +88,7 @@ fit() {  # the real `vlm fit` on a preset: time to first step, steady samples/s,
 
 # name, time limit (s), arguments; pick rows by name: bash benchmarks/gpu_session.sh step towers
 declare -A limit=([eager_vs_hf]=120 [step]=150 [fit_gpu]=100 [ddp1]=70 [fsdp1]=80 [step_cudagraphs]=170
-                  [towers]=150 [flamingo]=240 [pali]=450)  # flamingo: +120 s for its fp32 row
+                  [towers]=150 [flamingo]=240 [flamingo_compiled]=300 [pali]=450)  # flamingo: +120 s for its fp32 row
 declare -A extra=([eager_vs_hf]="" [step]="--compile step --skip-hf"
                   [step_cudagraphs]="--compile step --compile-mode reduce-overhead --skip-hf"
                   [towers]="--compile towers --skip-hf")
@@ -90,6 +99,8 @@ for name in "${rows[@]}"; do
     [ -n "${limit[$name]+x}" ] || { echo "unknown row '$name': use ${!limit[*]}"; exit 2; }
     if [ "$name" = flamingo ]; then
         flamingo "${limit[$name]}"
+    elif [ "$name" = flamingo_compiled ]; then
+        flamingo_compiled "${limit[$name]}"
     elif [ "$name" = pali ]; then
         pali "${limit[$name]}"
     elif [ -n "${preset[$name]+x}" ]; then
