@@ -14,6 +14,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fit_demo(family: str, config: str, extra: list[str]):
+    """The demos' training run: offline defaults, a header line, then the real ``vlm fit`` (LightningCLI) with a
+    ``MetricHistory`` callback. Returns ``(cli, history, training seconds)``."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlm.callbacks.history import MetricHistory
+    from vlm.cli import VLMCLI
+
+    history = MetricHistory()
+    print(f"== vlm demo: {family} from {os.path.relpath(config)} on the synthetic world (CPU) ==", flush=True)
+    t0 = time.time()
+    cli = VLMCLI(args=["fit", "--config", config, *extra], trainer_defaults={"callbacks": [history]})
+    return cli, history, time.time() - t0
+
+
+def stream_summary(model) -> str:
+    """``stream->objective+objective, ...`` of a model's streams, for the demos' "trained ..." line."""
+    return ", ".join(f"{s}->{'+'.join(ws)}" for s, ws in model.stream_weights.items())
+
+
 def _bar(value: float, width: int = 30) -> str:
     n = int(round(max(0.0, min(1.0, value)) * width))
     return "#" * n + "." * (width - n)
@@ -28,24 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out images scanned for single-object ones (zero-shot shape classification)")
     ap.add_argument("--examples", type=int, default=6)
     args, extra = ap.parse_known_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli, history, train_s = fit_demo("FLAVA", args.config, extra)
 
-    from vlm.callbacks.history import MetricHistory
-    from vlm.cli import VLMCLI
     from vlm.data.synthetic import CLASS_NAMES, SyntheticPairs, zero_shot_templates
     from vlm.data.tokenizers import load_tokenizer
     from vlm.data.transforms import ImageTextTransform
     from vlm.evaluation import embed_pairs, retrieval, top_matches, zero_shot
 
-    history = MetricHistory()
-    print(f"== vlm demo: FLAVA from {os.path.relpath(args.config)} on the synthetic world (CPU) ==", flush=True)
-    t0 = time.time()
-    cli = VLMCLI(args=["fit", "--config", args.config, *extra], trainer_defaults={"callbacks": [history]})
-    train_s = time.time() - t0
     model, trainer = cli.model, cli.trainer
-    streams = ", ".join(f"{s}->{'+'.join(ws)}" for s, ws in model.stream_weights.items())
+    streams = stream_summary(model)
     print(f"\ntrained {trainer.global_step} optimizer steps in {train_s / 60:.1f} min "
           f"(streams {streams}; schedule {type(cli.datamodule.schedule).__name__})")
 

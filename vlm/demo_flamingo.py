@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from vlm.demo import ROOT, fit_demo, stream_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,24 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", type=int, default=4, help="in-context examples of the few-shot evaluation")
     ap.add_argument("--examples", type=int, default=4)
     args, extra = ap.parse_known_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli, history, train_s = fit_demo("Flamingo", args.config, extra)
 
     from vlm.callbacks.gates import GateMonitor
-    from vlm.callbacks.history import MetricHistory
-    from vlm.cli import VLMCLI
     from vlm.data.fewshot import FewShotPrompts
     from vlm.data.synthetic import SyntheticPairs, SyntheticVQA
     from vlm.evaluation import evaluate_fewshot
 
-    history = MetricHistory()
-    print(f"== vlm demo: Flamingo from {os.path.relpath(args.config)} on the synthetic world (CPU) ==", flush=True)
-    t0 = time.time()
-    cli = VLMCLI(args=["fit", "--config", args.config, *extra], trainer_defaults={"callbacks": [history]})
-    train_s = time.time() - t0
     model, trainer = cli.model, cli.trainer
-    streams = ", ".join(f"{s}->{'+'.join(ws)}" for s, ws in model.stream_weights.items())
+    streams = stream_summary(model)
     print(f"\ntrained {trainer.global_step} optimizer steps in {train_s / 60:.1f} min "
           f"(streams {streams}; schedule {type(cli.datamodule.schedule).__name__})")
     print("\ncaptioning LM loss per stream (mean of the first -> last tenth of training):")

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from vlm.demo import ROOT, fit_demo
 
 
 def majority_answers(dataset) -> dict[str, str]:
@@ -56,23 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", type=int, default=200, help="held-out VQA questions, detection and caption images")
     ap.add_argument("--examples", type=int, default=4)
     args, extra = ap.parse_known_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli, history, train_s = fit_demo("PaLI", args.config, extra)
 
-    from vlm.callbacks.history import MetricHistory
-    from vlm.cli import VLMCLI
     from vlm.data.synthetic import SyntheticPairs, SyntheticVQA
     from vlm.data.transforms import PrefixLMTransform
     from vlm.evaluation import evaluate_prompts
     from vlm.metrics.vqa import vqa_accuracy
     from vlm.models.pali import PaLIPrompts, parse_detections
 
-    history = MetricHistory()
-    print(f"== vlm demo: PaLI from {os.path.relpath(args.config)} on the synthetic world (CPU) ==", flush=True)
-    t0 = time.time()
-    cli = VLMCLI(args=["fit", "--config", args.config, *extra], trainer_defaults={"callbacks": [history]})
-    train_s = time.time() - t0
     model, trainer = cli.model, cli.trainer
     schedule = cli.datamodule.schedule
     weights = getattr(schedule, "weights", None)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vlm.data.tokenizers import LOC_TOKENS_ALIAS, add_special_tokens, load_tokenizer
-from vlm.data.transforms import _ids_fields, _pick_text, _Tokenized, skips_bad_samples
+from vlm.data.transforms import _field_text, _ids_fields, _Tokenized, skips_bad_samples
 from vlm.errors import VLMConfigError
 from vlm.objectives.captioning import span_corruption
 
@@ -82,9 +82,7 @@ class SpanCorruptionTransform(_Tokenized):
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
-        text = sample.get(self.text_field)
-        if not (isinstance(text, str) and text.strip()):
-            text = _pick_text(sample, self.lang, self.text_field)
+        text = _field_text(sample, self.lang, self.text_field)
         tok = self.tokenizer
         pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
         ids = tok(text, add_special_tokens=False)["input_ids"][: self.max_length - 1]

@@ -177,6 +177,12 @@ def _pick_text(sample: dict[str, Any], lang: str, field: str) -> str:
     raise CorruptSample(f"text field {k!r} is {'empty' if isinstance(v, str) else f'a {type(v).__name__}'}")
 
 
+def _field_text(sample: dict[str, Any], lang: str, field: str) -> str:
+    """``sample[field]`` when it is non-empty text, else what ``_pick_text`` finds (captions, 'caption', 'text')."""
+    text = sample.get(field)
+    return text if isinstance(text, str) and text.strip() else _pick_text(sample, lang, field)
+
+
 def _ids_fields(sample: dict[str, Any], out: dict[str, Any]) -> None:
     for k in ("pair_id", "class_index"):
         if k in sample and sample[k] is not None:
@@ -299,9 +305,7 @@ class TextTransform(_Tokenized):
     def __call__(self, sample: dict[str, Any] | None) -> dict[str, Any] | None:
         if sample is None:
             return None
-        text = sample.get(self.text_field)
-        if not (isinstance(text, str) and text.strip()):
-            text = _pick_text(sample, self.lang, self.text_field)
+        text = _field_text(sample, self.lang, self.text_field)
         ids, mask = self._encode(text, self.max_length)
         return self._finish(sample, {"input_ids": ids, "attention_mask": mask, "text": text})
 
