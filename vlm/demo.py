@@ -35,6 +35,15 @@ def stream_summary(model) -> str:
     return ", ".join(f"{s}->{'+'.join(ws)}" for s, ws in model.stream_weights.items())
 
 
+def print_run_dir(trainer) -> None:
+    """Where the offline wandb run of the demo is, and how to browse or upload it (nothing without wandb)."""
+    logger = trainer.logger
+    run_dir = getattr(logger, "run_dir", None) if logger is not None else None
+    if run_dir:
+        rel = os.path.relpath(run_dir)
+        print(f"\nwandb run (offline): {rel}\n  browse: .venv/bin/wandb leet {rel}\n  upload: wandb sync {rel}")
+
+
 def _bar(value: float, width: int = 30) -> str:
     n = int(round(max(0.0, min(1.0, value)) * width))
     return "#" * n + "." * (width - n)
@@ -98,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = "ok " if emb.pair_ids[j] == emb.pair_ids[i] else "-- "
         print(f"  {ok}image {i:3d}, true: {emb.captions[i]!r}\n       retrieved ({sim:.2f}): {emb.captions[j]!r}")
 
-    logger = trainer.logger
-    run_dir = getattr(logger, "run_dir", None) if logger is not None else None
-    if run_dir:
-        rel = os.path.relpath(run_dir)
-        print(f"\nwandb run (offline): {rel}\n  browse: .venv/bin/wandb leet {rel}\n  upload: wandb sync {rel}")
+    print_run_dir(trainer)
     target = 0.3
     ok = rec["t2i_R@1"] >= target
     print(f"\n{'PASS' if ok else 'BELOW TARGET'}: text->image R@1 {rec['t2i_R@1']:.2f} (target >= {target}, chance {1 / n:.2f})")

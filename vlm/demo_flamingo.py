@@ -7,10 +7,9 @@ what it learned: held-out VQA with 0 and 4 in-context examples, and zero-shot ca
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from vlm.demo import ROOT, fit_demo, stream_summary
+from vlm.demo import ROOT, fit_demo, print_run_dir, stream_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in cap_rows[: args.examples]:
         print(f"  {r['prediction']!r}\n    reference: {r['references'][0]!r}")
 
-    logger = trainer.logger
-    run_dir = getattr(logger, "run_dir", None) if logger is not None else None
-    if run_dir:
-        rel = os.path.relpath(run_dir)
-        print(f"\nwandb run (offline): {rel}\n  browse: .venv/bin/wandb leet {rel}\n  upload: wandb sync {rel}")
+    print_run_dir(trainer)
     # one machine-readable line: what the model learned, for scripts comparing seeds and machines
     print(f"RESULT flamingo-tiny vqa_0shot={scores[0]:.3f} vqa_{args.shots}shot={scores[args.shots]:.3f} "
           f"cider_0shot={cider:.3f} steps={trainer.global_step} "

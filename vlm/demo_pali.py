@@ -8,11 +8,10 @@ and captioning CIDEr-D.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 
-from vlm.demo import ROOT, fit_demo
+from vlm.demo import ROOT, fit_demo, print_run_dir
 
 
 def majority_answers(dataset) -> dict[str, str]:
@@ -115,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in cap_rows[: args.examples]:
         print(f"  {r['prediction']!r}\n    reference: {r['references'][0]!r}")
 
-    logger = trainer.logger
-    run_dir = getattr(logger, "run_dir", None) if logger is not None else None
-    if run_dir:
-        rel = os.path.relpath(run_dir)
-        print(f"\nwandb run (offline): {rel}\n  browse: .venv/bin/wandb leet {rel}\n  upload: wandb sync {rel}")
+    print_run_dir(trainer)
     print(f"steps={trainer.global_step} train_min={train_s / 60:.2f} "
           + " ".join(f"{k}={first:.3f}->{last:.3f}" for k, (first, last) in sorted(losses.items())))
     # the last line, machine-readable
