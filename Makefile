@@ -41,7 +41,7 @@ test-fast: $(STAMP) ## the suite without the multi-process (ddp) and slow tests
 	$(PY) -m pytest -q -n 2 -m "not ddp and not slow" tests
 
 lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check vlm tests benchmarks
+	$(VENV)/bin/ruff check vlm tests benchmarks notebooks
 
 bench: $(STAMP) ## speed/memory harnesses (CPU here; pass ARGS="--device cuda --size base" on a GPU)
 	$(PY) benchmarks/contrastive.py $(ARGS)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "conf/flava/tiny.yaml"))
     ap.add_argument("--held-out", type=int, default=100, help="held-out test pairs for retrieval (chance R@1 = 1/N)")
-    ap.add_argument("--zero-shot-images", type=int, default=300,
+    ap.add_argument("--zero-shot-images", type=int, default=1000,
                     help="held-out images scanned for single-object ones (zero-shot shape classification)")
     ap.add_argument("--examples", type=int, default=6)
     args, extra = ap.parse_known_args(argv)

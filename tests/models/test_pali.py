@@ -336,7 +336,7 @@ def test_object_aware_vqa_asks_about_each_shape_and_answers_from_the_scene():
 
 
 def test_image_pos_embed_adds_a_fixed_sincos_grid_to_the_image_tokens():
-    from vlm.models.pali import sincos_2d
+    from vlm.modules.embedding import sincos_2d
 
     table = sincos_2d(16, 32)
     assert table.shape == (16, 32) and float(table.abs().max()) <= 1.0

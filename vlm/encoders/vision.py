@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlm import hub
 from vlm.errors import VLMConfigError
+from vlm.modules.embedding import sincos_2d
 
 # FLAVA's image processor normalises with CLIP's statistics; the codebook wants [0, 1] pixels.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,6 +49,9 @@ class VisionConfig:
     #: patch grid (Xiao et al. 2021, "Early convolutions help transformers see better"); for towers trained from
     #: scratch on little data, where a linear patch embedding learns shape slowly. Random-init towers only.
     stem: str = "patch"
+    #: ``learned``: timm's learned table, initialised N(0, 0.02). ``sincos``: the same learned table initialised with
+    #: 2-D sine-cosine positions (MAE), as strong as the patch features from the first step (random-init towers).
+    pos_embed: str = "learned"
     timm_name: str | None = None  #: build this timm architecture instead (size fields other than image_size ignored)
     pretrained: str | None = None  #: local checkpoint file/dir, or a timm/hub model name with pretrained weights
 
@@ -143,6 +147,22 @@ class ConvStem(nn.Sequential):
         layers.append(nn.Conv2d(c, hidden, 1))
         super().__init__(*layers)
         self.in_channels, self.out_channels = int(in_chans), int(hidden)  # as the Conv2d it replaces
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Variance-preserving init: He-normal (fan in) 3x3 convolutions, a 1/sqrt(fan in) 1x1 projection, zero biases.
+
+        PyTorch's default conv init shrinks the signal about 1/sqrt(3) per layer (and GELU halves it): the stem's
+        output then varies across images about 40x less than a linear patch embedding's, below the 0.02 position
+        table, and contrastive training sits at chance for hundreds of steps before it breaks the symmetry.
+        """
+        convs = [m for m in self if isinstance(m, nn.Conv2d)]
+        for conv in convs[:-1]:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+        last = convs[-1]
+        nn.init.normal_(last.weight, std=last.in_channels ** -0.5)
+        for conv in convs:
+            nn.init.zeros_(conv.bias)
 
 
 class ViTEncoder(nn.Module):
@@ -257,6 +277,15 @@ def build_vit(cfg: VisionConfig | dict | None = None) -> ViTEncoder:
         vit.patch_embed.proj = ConvStem(cfg.in_chans, cfg.hidden, cfg.patch_size)
     elif cfg.stem != "patch":
         raise VLMConfigError(f"vision.stem={cfg.stem!r}; use 'patch' (linear patch embedding) or 'conv' (convolutional stem).")
+    if cfg.pos_embed == "sincos":
+        grid = vit.patch_embed.grid_size
+        if grid[0] != grid[1]:
+            raise VLMConfigError(f"vision.pos_embed='sincos' needs a square patch grid, got {tuple(grid)}.")
+        with torch.no_grad():
+            vit.pos_embed.zero_()  # the class token's row stays 0
+            vit.pos_embed[0, -grid[0] * grid[1]:] = sincos_2d(grid[0] * grid[1], vit.embed_dim)
+    elif cfg.pos_embed != "learned":
+        raise VLMConfigError(f"vision.pos_embed={cfg.pos_embed!r}; use 'learned' (N(0, 0.02) init) or 'sincos'.")
     enc = ViTEncoder(vit)
     if src is not None:
         state = load_state_file(src)

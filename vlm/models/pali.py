@@ -42,6 +42,7 @@ from vlm.encoders.vision import VisionTowerConfig, build_vision_tower
 from vlm.errors import MissingBatchField, VLMConfigError
 from vlm.models.base import VLMModule
 from vlm.models.sizes import sized_fields
+from vlm.modules.embedding import sincos_2d
 from vlm.objectives.base import Objective, StepCache
 
 #: the training streams of the PaLI mixture in ``conf/pali/tiny.yaml`` (one ``PrefixLMTransform`` task each, and
@@ -215,22 +216,6 @@ class PaLICore(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The parameters that train (projection and LM unless frozen by hand)."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
-
-
-def sincos_2d(num_patches: int, dim: int) -> Tensor:
-    """``[P, dim]`` sine-cosine position table of a square grid of ``P`` patches (row-major); a 1-D table when
-    ``P`` is not a square. A quarter of the channels each: sin(y), cos(y), sin(x), cos(x) over geometric
-    frequencies; the channels left over are 0."""
-    side = int(round(num_patches ** 0.5))
-    idx = torch.arange(num_patches, dtype=torch.float64)
-    y, x = (idx // side, idx % side) if side * side == num_patches else (idx, idx)
-    q = dim // 4
-    freq = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float64) / max(1, q)))
-    table = torch.zeros(num_patches, dim, dtype=torch.float64)
-    for k, pos in enumerate((y, y, x, x)):
-        angle = pos[:, None] * freq[None]
-        table[:, k * q:(k + 1) * q] = torch.sin(angle) if k % 2 == 0 else torch.cos(angle)
-    return table.float()
 
 
 def parse_detections(text: Any) -> list[tuple[list[float], str]]:

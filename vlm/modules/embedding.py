@@ -96,3 +96,19 @@ class ExtendedLMHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return torch.cat((self.base(h), F.linear(h, self.extra.to(h.dtype))), dim=-1)
+
+
+def sincos_2d(num_patches: int, dim: int) -> Tensor:
+    """``[P, dim]`` sine-cosine position table of a square grid of ``P`` patches (row-major); a 1-D table when
+    ``P`` is not a square. A quarter of the channels each: sin(y), cos(y), sin(x), cos(x) over geometric
+    frequencies; the channels left over are 0."""
+    side = int(round(num_patches ** 0.5))
+    idx = torch.arange(num_patches, dtype=torch.float64)
+    y, x = (idx // side, idx % side) if side * side == num_patches else (idx, idx)
+    q = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float64) / max(1, q)))
+    table = torch.zeros(num_patches, dim, dtype=torch.float64)
+    for k, pos in enumerate((y, y, x, x)):
+        angle = pos[:, None] * freq[None]
+        table[:, k * q:(k + 1) * q] = torch.sin(angle) if k % 2 == 0 else torch.cos(angle)
+    return table.float()
