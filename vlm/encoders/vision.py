@@ -154,7 +154,8 @@ class ConvStem(nn.Sequential):
 
         PyTorch's default conv init shrinks the signal about 1/sqrt(3) per layer (and GELU halves it): the stem's
         output then varies across images about 40x less than a linear patch embedding's, below the 0.02 position
-        table, and contrastive training sits at chance for hundreds of steps before it breaks the symmetry.
+        table, so every image looks alike to the tower (tiny PaLI's held-out VQA: 0.305 with the default init,
+        0.50-0.54 with this one).
         """
         convs = [m for m in self if isinstance(m, nn.Conv2d)]
         for conv in convs[:-1]:
