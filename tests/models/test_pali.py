@@ -348,3 +348,24 @@ def test_image_pos_embed_adds_a_fixed_sincos_grid_to_the_image_tokens():
     with torch.no_grad():
         got = placed.core.image_tokens(b["pixel_values"]) - plain.core.image_tokens(b["pixel_values"])
     assert torch.allclose(got, table.expand(3, -1, -1), atol=1e-5)
+
+
+def test_image_pos_table_is_built_once_moves_with_the_module_and_is_not_saved():
+    from vlm.modules.embedding import sincos_2d
+
+    model = make_model(image_pos_embed=True)
+    buf = model.core.image_pos_table
+    assert torch.equal(buf, sincos_2d(16, 32))
+    assert not any(k.endswith("image_pos_table") for k in model.state_dict())  # checkpoints stay as they were
+    b = batch_of()
+    with torch.inference_mode():  # first use under inference mode, then a training step: the buffer predates both
+        model.core.image_tokens(b["pixel_values"])
+    tokens = model.core.image_tokens(b["pixel_values"])
+    tokens.sum().backward()
+    assert model.core.image_pos_table is buf and model.core.proj.weight.grad is not None
+    model.to(torch.float64)
+    assert model.core.image_pos_table.dtype == torch.float64
+    with torch.no_grad():
+        feats = model.core.vision(b["pixel_values"].double())
+        want = model.core.proj(feats) + sincos_2d(16, 32).double()
+        assert torch.allclose(model.core.image_tokens(b["pixel_values"].double()), want)

@@ -141,6 +141,12 @@ class PaLICore(nn.Module):
         vision.frozen = bool(cfg.freeze_vision)
         self.vision = build_vision_tower(vision)
         self.proj = nn.Linear(self.vision.hidden_size, hidden_size(self.lm))
+        # The image tokens' sin-cos table for the tower's own image size, built once and moved with the module (a
+        # table rebuilt on the CPU at every forward was a host-to-device copy per step on a GPU); not saved.
+        table = torch.zeros(0, 0)
+        if cfg.image_pos_embed and self.image_size is not None:
+            table = sincos_2d(self.vision.num_tokens(self.image_size), self.hidden_size)
+        self.register_buffer("image_pos_table", table, persistent=False)
 
     def _fit_vocabulary(self, vocab: int, base_tokens: int) -> None:
         """Resize the LM's tables to the tokenizer when the location tokens do not fit the existing rows."""
@@ -180,7 +186,10 @@ class PaLICore(nn.Module):
         feats = self.vision(pixel_values)
         tokens = self.proj(feats.to(self.proj.weight.dtype))
         if self.cfg.image_pos_embed:
-            tokens = tokens + sincos_2d(tokens.shape[1], tokens.shape[2]).to(tokens)
+            table = self.image_pos_table
+            if table.shape != tokens.shape[1:]:  # another image size than the tower's own (dynamic-size towers)
+                table = sincos_2d(tokens.shape[1], tokens.shape[2]).to(tokens.device)
+            tokens = tokens + table.to(tokens.dtype)
         return tokens
 
     def encode(self, pixel_values: Tensor | None, input_ids: Tensor,
