@@ -19,6 +19,16 @@ import torch  # noqa: E402
 torch.set_num_threads(_THREADS)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _shared_tower_cache(tmp_path_factory):
+    """Towers pretrained on the synthetic world (``pretrained: synthetic``, a minute or two each) are trained once
+    per test run and shared by every test and worker, as runs on one machine share them; data caches stay per test."""
+    if "VLM_TOWER_CACHE_DIR" not in os.environ:
+        # the parent of this worker's base temp dir is shared by the xdist workers of one run
+        os.environ["VLM_TOWER_CACHE_DIR"] = str(tmp_path_factory.getbasetemp().parent / "vlm-towers")
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -52,8 +52,9 @@ def test_vision_tower_with_conv_stem():
                                 "frozen": False})
     assert isinstance(tower.model.patch_embed.proj, ConvStem)
     assert tower(torch.randn(2, 3, 32, 32)).shape == (2, tower.num_tokens(32), 32) and tower.num_tokens(32) == 16
-    with pytest.raises(VLMConfigError, match="cannot take pretrained"):
-        VisionTowerConfig.from_any({"model": "vit_tiny_patch16_224", "stem": "conv", "pretrained": True})
+    for hub_weights in (True, "vit_tiny_patch16_224.augreg_in21k"):  # hub weights have a linear patch embedding
+        with pytest.raises(VLMConfigError, match="hub weights have a linear one"):
+            VisionTowerConfig.from_any({"model": "vit_tiny_patch16_224", "stem": "conv", "pretrained": hub_weights})
     with pytest.raises(VLMConfigError, match="linear patch embedding"):
         build_vision_tower({"model": "resnet18", "stem": "conv", "image_size": 32})
 

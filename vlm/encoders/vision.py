@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vlm import hub
+from vlm.encoders.grid_tags import SYNTHETIC
 from vlm.errors import VLMConfigError
 from vlm.modules.embedding import sincos_2d
 
@@ -388,8 +389,10 @@ class VisionTowerConfig:
 
     model: str = "vit_tiny_patch16_224"  #: timm architecture name
     #: False: random init; True: timm's default weights for ``model`` (hub); a local .safetensors/.bin/.pth file or a
-    #: directory holding one (timm layout, or a saved VisionTower's ``model.``-prefixed state); any other string is a
-    #: timm hub name (``'vit_base_patch16_224.augreg_in21k'``, ``'hf-hub:org/name'``) that replaces ``model``
+    #: directory holding one (timm layout, or a saved VisionTower's ``model.``-prefixed state); ``'synthetic'``: this
+    #: architecture pretrained once on the synthetic world's grid tags and cached (:mod:`vlm.encoders.grid_tags`);
+    #: any other string is a timm hub name (``'vit_base_patch16_224.augreg_in21k'``, ``'hf-hub:org/name'``) that
+    #: replaces ``model``
     pretrained: str | bool = False
     image_size: int | None = None  #: input side in pixels (None: the architecture's default)
     frozen: bool = True  #: no trainable parameters, always in eval mode, forward without autograd
@@ -432,9 +435,12 @@ class VisionTowerConfig:
             self.pretrained = False
         if self.stem not in ("patch", "conv"):
             raise VLMConfigError(f"vision_tower.stem={self.stem!r}; use 'patch' (the model's own) or 'conv' (ConvStem).")
-        if self.stem == "conv" and self.pretrained is not False:
-            raise VLMConfigError("vision_tower.stem='conv' replaces the patch embedding of a random-init tower; it "
-                                 "cannot take pretrained weights (set pretrained: false, or stem: patch).")
+        if self.stem == "conv" and self.pretrained is not False and not (
+                self.pretrained == SYNTHETIC
+                or (isinstance(self.pretrained, (str, os.PathLike)) and hub.is_local(self.pretrained))):
+            raise VLMConfigError("vision_tower.stem='conv' replaces a ViT's patch embedding, so its weights can only "
+                                 "come from a tower trained with that stem (pretrained: synthetic, or a local file "
+                                 "saved from one); hub weights have a linear one (set stem: patch, or pretrained: false).")
         if not isinstance(self.pretrained, (bool, str, os.PathLike)):
             raise VLMConfigError(
                 f"vision_tower.pretrained must be false, true, a local weights file/dir or a hub name; got {self.pretrained!r}."
@@ -553,6 +559,24 @@ def _load_tower_weights(model: nn.Module, path: str) -> None:
         )
 
 
+def _synthetic_tower(cfg: VisionTowerConfig, kwargs: dict[str, Any], random_init) -> Path:
+    """The cached weights of ``cfg``'s architecture pretrained on the synthetic world's grid tags."""
+    from vlm.encoders import grid_tags
+
+    recipe = dict(grid_tags.DEFAULTS)
+
+    def train(model: nn.Module) -> dict[str, float]:
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the size the ViT was built for
+        size = int(size[-1]) if isinstance(size, (tuple, list)) else cfg.image_size
+        tower = VisionTower(model, frozen=False, feature="patches", image_size=size)
+        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(tower(x)), list(model.parameters()),
+                                               tower.hidden_size, tower.image_size,
+                                               **{k: v for k, v in recipe.items() if k != "seed"})
+
+    key = {"kind": "vision_tower", "model": cfg.model, "kwargs": kwargs, "stem": cfg.stem, **recipe}
+    return grid_tags.cached_tower(key, random_init, train)
+
+
 def build_vision_tower(cfg: VisionTowerConfig | dict | None = None) -> VisionTower:
     """Build a :class:`VisionTower`: random init (global torch seed), local weights, or a hub name via timm."""
     import timm
@@ -575,20 +599,32 @@ def build_vision_tower(cfg: VisionTowerConfig | dict | None = None) -> VisionTow
                 raise VLMConfigError(f"vision_tower.model={name!r} is not a timm model ({err}).") from err
             raise
 
+    def conv_stem(model: nn.Module) -> nn.Module:
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride:
+            raise VLMConfigError(f"vision_tower.stem='conv' needs a ViT with a linear patch embedding; "
+                                 f"{cfg.model!r} has none.")
+        model.patch_embed.proj = ConvStem(proj.in_channels, proj.out_channels, int(proj.kernel_size[0]))
+        return model
+
+    def random_init() -> nn.Module:
+        model = create(cfg.model, False)
+        return conv_stem(model) if cfg.stem == "conv" else model
+
     src = cfg.pretrained
     if src is False:
-        model = create(cfg.model, False)
-        if cfg.stem == "conv":
-            proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-            if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride:
-                raise VLMConfigError(f"vision_tower.stem='conv' needs a ViT with a linear patch embedding; "
-                                     f"{cfg.model!r} has none.")
-            model.patch_embed.proj = ConvStem(proj.in_channels, proj.out_channels, int(proj.kernel_size[0]))
+        model = random_init()
+    elif src == SYNTHETIC:  # trained once on the synthetic world's grid tags, then cached (vlm.encoders.grid_tags)
+        path = _synthetic_tower(cfg, kwargs, random_init)
+        model = random_init()
+        _load_tower_weights(model, str(path))
     elif src is True or not hub.is_local(src):
         name = cfg.model if src is True else str(src)
         model = hub.call_hub(lambda s: create(s, True), name, "Vision tower weights")
     else:
         model = create(cfg.model, False)
+        if cfg.stem == "conv":  # a tower saved with the conv stem: its keys are the stem's
+            conv_stem(model)
         _load_tower_weights(model, os.path.expanduser(str(src)))
     return VisionTower(model, frozen=cfg.frozen, feature=cfg.feature, image_size=cfg.image_size)
 

@@ -1,0 +1,114 @@
+"""``vision_tower.pretrained: synthetic``: a tower pretrained once on the synthetic world's grid tags, then cached."""
+
+import json
+
+import pytest
+import torch
+
+from vlm.data.synthetic import COLOUR_NAMES, SHAPES, make_scene
+from vlm.encoders import grid_tags
+from vlm.encoders.vision import build_vision_tower
+from vlm.errors import VLMConfigError
+
+TINY = {"model": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
+                                                    "num_heads": 2}, "stem": "conv", "frozen": False}
+
+
+def test_grid_tags_name_each_cells_shape_and_colour():
+    for i in range(20):
+        objects = make_scene(0, "train", "pairs", i)
+        shape, colour = grid_tags.grid_tags(objects)
+        cells = {o.cell: o for o in objects}
+        for cell in range(9):
+            o = cells.get(cell)
+            assert shape[cell] == (0 if o is None else 1 + SHAPES.index(o.shape))
+            assert colour[cell] == (0 if o is None else 1 + COLOUR_NAMES.index(o.colour))
+
+
+def test_pool_to_grid_is_the_mean_over_each_cell():
+    # a 6 x 6 patch grid: each of the 3 x 3 cells is the mean of a 2 x 2 block (float64 by hand); the class token
+    # in front is left out
+    feats = torch.randn(2, 1 + 36, 5, dtype=torch.float64)
+    got = grid_tags.pool_to_grid(feats, prefix_tokens=1)
+    grid = feats[:, 1:].reshape(2, 6, 6, 5)
+    for r in range(3):
+        for c in range(3):
+            want = grid[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))
+            torch.testing.assert_close(got[:, 3 * r + c], want)
+    with pytest.raises(VLMConfigError, match="square patch grid"):
+        grid_tags.pool_to_grid(torch.randn(1, 10, 4))
+
+
+def test_pretraining_teaches_the_tower_shape():
+    # 400 steps of 32 fresh 64 px scenes: held-out per-cell shape well above chance (0.2 among five shapes) and
+    # colour almost always right
+    torch.manual_seed(0)
+    tower = build_vision_tower({**TINY, "kwargs": {**TINY["kwargs"], "img_size": 64, "embed_dim": 64}})
+    acc = grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(tower(x)), list(tower.parameters()),
+                                          64, 64, steps=400, held_out=300, log=None)
+    assert acc["shape"] > 0.4 and acc["colour"] > 0.9, acc
+
+
+def test_synthetic_tower_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLM_TOWER_CACHE_DIR", raising=False)  # the test run's shared tower cache
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(grid_tags.DEFAULTS, "steps", 3)
+    calls = []
+    real = grid_tags.pretrain_on_grid_tags
+    monkeypatch.setattr(grid_tags, "pretrain_on_grid_tags", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cfg = {**TINY, "pretrained": "synthetic"}
+
+    torch.manual_seed(5)
+    first = build_vision_tower(cfg)
+    after_training = torch.rand(3)
+    torch.manual_seed(5)
+    second = build_vision_tower(cfg)
+    after_loading = torch.rand(3)
+    assert len(calls) == 1 and calls[0]["steps"] == 3  # the second build read the cache
+    torch.testing.assert_close(after_training, after_loading)  # the caller's random state does not see the cache
+    (weights,) = tmp_path.glob("towers/grid-tags-*/model.safetensors")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(weights))
+    for tower in (first, second):
+        own = tower.model.state_dict()
+        assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in saved)
+    meta = json.loads((weights.parent / "metrics.json").read_text())
+    assert meta["recipe"]["stem"] == "conv" and set(meta["held_out_accuracy"]) == {"shape", "colour"}
+    # another architecture or recipe is another tower, never the cached one
+    torch.manual_seed(5)
+    other = build_vision_tower({**cfg, "kwargs": {**TINY["kwargs"], "depth": 2}})
+    assert len(calls) == 2 and len(other.model.blocks) == 2
+    assert len(list(tmp_path.glob("towers/grid-tags-*/model.safetensors"))) == 2
+
+
+def test_a_half_written_tower_is_never_loaded(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLM_TOWER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(grid_tags.DEFAULTS, "steps", 2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid_tags, "pretrain_on_grid_tags", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_vision_tower({**TINY, "pretrained": "synthetic"})
+    assert not list(tmp_path.glob("towers/grid-tags-*/model.safetensors"))
+    monkeypatch.undo()
+    monkeypatch.delenv("VLM_TOWER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(grid_tags.DEFAULTS, "steps", 2)
+    build_vision_tower({**TINY, "pretrained": "synthetic"})
+    assert len(list(tmp_path.glob("towers/grid-tags-*/model.safetensors"))) == 1
+
+
+def test_a_conv_stem_tower_saved_to_a_file_loads_back(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tower = build_vision_tower(TINY)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    back = build_vision_tower({**TINY, "pretrained": str(tmp_path)})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), tower(x))
