@@ -112,3 +112,28 @@ def test_a_conv_stem_tower_saved_to_a_file_loads_back(tmp_path):
     back = build_vision_tower({**TINY, "pretrained": str(tmp_path)})
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(back(x), tower(x))
+
+
+def test_flava_vit_pretrained_on_the_synthetic_world(tmp_path, monkeypatch):
+    # vision.pretrained: synthetic for FLAVA's tower: the same weights as pretraining that tower by hand with the
+    # recipe (CLS token left out of the grid), cached, and the caller's random state untouched
+    from vlm.encoders.vision import VisionConfig, build_vit
+
+    monkeypatch.delenv("VLM_TOWER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(grid_tags.DEFAULTS, "steps", 3)
+    sizes = {"image_size": 32, "patch_size": 8, "hidden": 32, "layers": 1, "heads": 2}
+    torch.manual_seed(3)
+    enc = build_vit(VisionConfig(**sizes, pretrained="synthetic"))
+    after = torch.rand(2)
+
+    torch.manual_seed(0)  # the recipe's own seed
+    ref = build_vit(VisionConfig(**sizes))
+    recipe = {k: v for k, v in grid_tags.DEFAULTS.items() if k != "seed"}
+    grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(ref(x), 1), list(ref.vit.parameters()), 32, 32,
+                                    log=None, **recipe)
+    own, want = enc.vit.state_dict(), ref.vit.state_dict()
+    assert own.keys() == want.keys() and all(torch.equal(own[k], want[k]) for k in own)
+    torch.manual_seed(3)
+    build_vit(VisionConfig(**sizes))
+    torch.testing.assert_close(torch.rand(2), after)

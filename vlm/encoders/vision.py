@@ -54,7 +54,9 @@ class VisionConfig:
     #: 2-D sine-cosine positions (MAE), as strong as the patch features from the first step (random-init towers).
     pos_embed: str = "learned"
     timm_name: str | None = None  #: build this timm architecture instead (size fields other than image_size ignored)
-    pretrained: str | None = None  #: local checkpoint file/dir, or a timm/hub model name with pretrained weights
+    #: local checkpoint file/dir, a timm/hub model name with pretrained weights, or ``'synthetic'``: this tower
+    #: pretrained once on the synthetic world's grid tags and cached (:mod:`vlm.encoders.grid_tags`)
+    pretrained: str | None = None
 
     @classmethod
     def from_any(cls, cfg: Any) -> VisionConfig:
@@ -244,6 +246,29 @@ def _timm_kwargs(cfg: VisionConfig) -> dict[str, Any]:
     return dict(num_classes=0, global_pool="token", dynamic_img_size=True)
 
 
+def _synthetic_vit(cfg: VisionConfig) -> Path:
+    """The cached weights of ``cfg``'s ViT pretrained on the synthetic world's grid tags (CLS token left out)."""
+    from dataclasses import asdict, replace
+
+    from vlm.encoders import grid_tags
+
+    plain = replace(cfg, pretrained=None)
+    recipe = dict(grid_tags.DEFAULTS)
+    built: dict[str, ViTEncoder] = {}
+
+    def build() -> nn.Module:
+        built["enc"] = build_vit(plain)
+        return built["enc"].vit
+
+    def train(vit: nn.Module) -> dict[str, float]:
+        enc, prefix = built["enc"], int(getattr(vit, "num_prefix_tokens", 1))
+        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(enc(x), prefix),
+                                               list(vit.parameters()), enc.hidden_size, plain.image_size,
+                                               **{k: v for k, v in recipe.items() if k != "seed"})
+
+    return grid_tags.cached_tower({"kind": "vit", **asdict(plain), **recipe}, build, train)
+
+
 def build_vit(cfg: VisionConfig | dict | None = None) -> ViTEncoder:
     """Build the image tower: random init from sizes, a timm architecture, or pretrained weights."""
     import timm
@@ -251,6 +276,8 @@ def build_vit(cfg: VisionConfig | dict | None = None) -> ViTEncoder:
 
     cfg = VisionConfig.from_any(cfg)
     src = cfg.pretrained
+    if src == SYNTHETIC:  # trained once on the synthetic world's grid tags, then cached (vlm.encoders.grid_tags)
+        src = str(_synthetic_vit(cfg))
     if src is not None and not hub.is_local(src):
         # A hub name: timm resolves it (e.g. 'vit_base_patch16_224.augreg_in21k' or 'hf-hub:org/name').
         vit = hub.call_hub(
