@@ -41,6 +41,11 @@ VERSION = 1  #: bump when the recipe changes, so stale cached towers are not reu
 DEFAULTS = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 50, "seed": 0}
 
 
+def recipe_arguments() -> dict[str, Any]:
+    """The recipe's arguments of :func:`pretrain_on_grid_tags`: ``DEFAULTS`` but the seed (``cached_tower`` seeds)."""
+    return {k: v for k, v in DEFAULTS.items() if k != "seed"}
+
+
 def grid_tags(objects) -> tuple[Tensor, Tensor]:
     """``(shape, colour)`` ``long[GRID*GRID]`` of one scene: 1 + the index in ``SHAPES`` / ``COLOUR_NAMES`` of
     the object in each cell (reading order), 0 for an empty cell."""
@@ -172,4 +177,4 @@ def cached_tower(key: dict[str, Any], build: Callable[[], nn.Module], train: Cal
     return weights
 
 
-__all__ = ["SYNTHETIC", "GRID", "DEFAULTS", "grid_tags", "pool_to_grid", "pretrain_on_grid_tags", "tower_cache_dir", "cached_tower"]
+__all__ = ["SYNTHETIC", "GRID", "DEFAULTS", "recipe_arguments", "grid_tags", "pool_to_grid", "pretrain_on_grid_tags", "tower_cache_dir", "cached_tower"]

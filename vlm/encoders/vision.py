@@ -253,7 +253,6 @@ def _synthetic_vit(cfg: VisionConfig) -> Path:
     from vlm.encoders import grid_tags
 
     plain = replace(cfg, pretrained=None)
-    recipe = dict(grid_tags.DEFAULTS)
     built: dict[str, ViTEncoder] = {}
 
     def build() -> nn.Module:
@@ -264,9 +263,9 @@ def _synthetic_vit(cfg: VisionConfig) -> Path:
         enc, prefix = built["enc"], int(getattr(vit, "num_prefix_tokens", 1))
         return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(enc(x), prefix),
                                                list(vit.parameters()), enc.hidden_size, plain.image_size,
-                                               **{k: v for k, v in recipe.items() if k != "seed"})
+                                               **grid_tags.recipe_arguments())
 
-    return grid_tags.cached_tower({"kind": "vit", **asdict(plain), **recipe}, build, train)
+    return grid_tags.cached_tower({"kind": "vit", **asdict(plain), **grid_tags.DEFAULTS}, build, train)
 
 
 def build_vit(cfg: VisionConfig | dict | None = None) -> ViTEncoder:
@@ -590,17 +589,14 @@ def _synthetic_tower(cfg: VisionTowerConfig, kwargs: dict[str, Any], random_init
     """The cached weights of ``cfg``'s architecture pretrained on the synthetic world's grid tags."""
     from vlm.encoders import grid_tags
 
-    recipe = dict(grid_tags.DEFAULTS)
-
     def train(model: nn.Module) -> dict[str, float]:
         size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the size the ViT was built for
         size = int(size[-1]) if isinstance(size, (tuple, list)) else cfg.image_size
         tower = VisionTower(model, frozen=False, feature="patches", image_size=size)
         return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(tower(x)), list(model.parameters()),
-                                               tower.hidden_size, tower.image_size,
-                                               **{k: v for k, v in recipe.items() if k != "seed"})
+                                               tower.hidden_size, tower.image_size, **grid_tags.recipe_arguments())
 
-    key = {"kind": "vision_tower", "model": cfg.model, "kwargs": kwargs, "stem": cfg.stem, **recipe}
+    key = {"kind": "vision_tower", "model": cfg.model, "kwargs": kwargs, "stem": cfg.stem, **grid_tags.DEFAULTS}
     return grid_tags.cached_tower(key, random_init, train)
 
 
