@@ -590,6 +590,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLM_CACHE_DIR") or Path.home() / ".cache" / "vlm")
 
 
+def publish_dir(final: Path, write) -> None:
+    """Fill a cache directory with ``write(tmp)`` beside ``final``, then rename it into place: an interrupted or
+    concurrent writer never leaves half of one, and when another process finished first its copy is kept."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    write(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race: keep its (identical) copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)  # speed over size: shards are a local cache
@@ -647,14 +662,9 @@ def ensure_synthetic_shards(
     final = base / name
     done = final / "_COMPLETE"
     if not done.exists():
-        # write beside the target and rename, so a concurrent or interrupted writer never leaves half a set
-        tmp = base / f".{name}.tmp-{os.getpid()}"
-        write_shards(tmp, num, split, image_size, seed, samples_per_shard)
-        (tmp / "_COMPLETE").write_text("ok\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race: keep its copy
-            import shutil
+        def write(tmp: Path) -> None:
+            write_shards(tmp, num, split, image_size, seed, samples_per_shard)
+            (tmp / "_COMPLETE").write_text("ok\n")
 
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(final, write)
     return sorted(str(p) for p in final.glob("*.tar"))

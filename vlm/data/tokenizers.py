@@ -126,16 +126,13 @@ def _train_synthetic(out: Path, vocab_size: int) -> None:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         model_max_length=512,
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    fast.save_pretrained(str(tmp))
-    (tmp / "vlm_synthetic.json").write_text(json.dumps({"version": _SYNTH_TOKENIZER_VERSION}))
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first; its copy is identical
-        import shutil
+    from vlm.data.synthetic import publish_dir
 
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(tmp: Path) -> None:
+        fast.save_pretrained(str(tmp))
+        (tmp / "vlm_synthetic.json").write_text(json.dumps({"version": _SYNTH_TOKENIZER_VERSION}))
+
+    publish_dir(out, write)
 
 
 def synthetic_tokenizer_dir(vocab_size: int = SYNTHETIC_VOCAB_SIZE) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -147,9 +146,12 @@ def cached_tower(key: dict[str, Any], build: Callable[[], nn.Module], train: Cal
                  log: Callable[[str], None] | None = print) -> Path:
     """The weights file of a tower pretrained by ``train`` (after ``build``), trained once and cached by ``key``.
 
-    Written beside the target and renamed, so an interrupted or concurrent writer never leaves half a tower.
+    Written beside the target and renamed (``publish_dir``), so an interrupted or concurrent writer never leaves
+    half a tower.
     """
     from safetensors.torch import save_file
+
+    from vlm.data.synthetic import publish_dir
 
     key = {"version": VERSION, **key}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -163,14 +165,12 @@ def cached_tower(key: dict[str, Any], build: Callable[[], nn.Module], train: Cal
         torch.manual_seed(int(key.get("seed", 0)))
         tower = build()
         metrics = train(tower)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(tmp / "model.safetensors"))
-    (tmp / "metrics.json").write_text(json.dumps({"held_out_accuracy": metrics, "recipe": key}, indent=1) + "\n")
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process won the race: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "metrics.json").write_text(json.dumps({"held_out_accuracy": metrics, "recipe": key}, indent=1) + "\n")
+
+    publish_dir(final, write)
     if log is not None:
         log(f"vlm: image tower pretrained, held-out per-cell accuracy: shape {metrics['shape']:.2f}, "
             f"colour {metrics['colour']:.2f}")
