@@ -369,3 +369,50 @@ def test_image_pos_table_is_built_once_moves_with_the_module_and_is_not_saved():
         feats = model.core.vision(b["pixel_values"].double())
         want = model.core.proj(feats) + sincos_2d(16, 32).double()
         assert torch.allclose(model.core.image_tokens(b["pixel_values"].double()), want)
+
+
+def test_padding_columns_are_trimmed_before_the_forward_and_the_loss_and_gradients_stay_those_of_the_full_batch():
+    model = make_model()
+    b = batch_of(task="vqa", n=4)
+    trimmed = model.on_after_batch_transfer(b, 0)
+    # the widths are what the masks say: the longest prompt, the longest answer
+    assert trimmed["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) < b["input_ids"].shape[1]
+    assert trimmed["labels"].shape[1] == int((b["labels"] != -100).sum(1).max()) < b["labels"].shape[1]
+    assert trimmed["decoder_attention_mask"].shape == trimmed["labels"].shape
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model.compute_losses(batch)[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, g_full = loss_and_grads(b)
+    short, g_short = loss_and_grads(trimmed)
+    # the full batch through a plain T5 built by hand: the reference
+    labels = b["labels"]
+    embeds, mask = hand_encoder_input(model.core, b)
+    start = torch.full((labels.shape[0], 1), model.tokenizer.pad_token_id, dtype=torch.long)
+    decoder_in = torch.cat([start, labels[:, :-1]], 1).masked_fill(torch.cat([start, labels[:, :-1]], 1) == -100,
+                                                                   model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = plain_t5(model.core)(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_in).logits
+    want = F.cross_entropy(logits[labels != -100], labels[labels != -100])
+    assert torch.allclose(full, want, atol=1e-5) and torch.allclose(short, want, atol=1e-5)
+    assert g_full.keys() == g_short.keys()
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_short[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_padding_is_kept_when_asked_when_the_step_is_compiled_and_in_front_of_left_padded_prompts():
+    b = batch_of(task="vqa", n=2)
+    # left-padded prompts (each moved to the end of its row): the gap between image and prompt counts under T5's
+    # relative positions, so nothing before the prompt is cut; the targets still are
+    ids, att = b["input_ids"].clone(), b["attention_mask"].clone()
+    for i in range(len(ids)):
+        shift = ids.shape[1] - int(att[i].sum())
+        ids[i], att[i] = ids[i].roll(shift), att[i].roll(shift)
+    left = make_model().on_after_batch_transfer({**b, "input_ids": ids, "attention_mask": att}, 0)
+    assert left["input_ids"] is ids and left["labels"].shape[1] < b["labels"].shape[1]
+    for model in (make_model(trim_padding=False), make_model(compile="step")):
+        assert model.trim_padding is False and model.on_after_batch_transfer(b, 0) is b
+    assert make_model(compile="step", trim_padding=True).trim_padding is True

@@ -92,3 +92,36 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+#: the batch fields ``trim_padding`` shortens together, each group after the field that marks its padding
+#: (``attention_mask``: 0; ``labels``: -100)
+TRIM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention_mask", ("input_ids", "attention_mask")),
+    ("labels", ("labels", "decoder_attention_mask")),
+)
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the trailing columns that are padding in every row of a batch's prompt and target token fields.
+
+    Transforms pad to a fixed length (static shapes); a batch of one-word VQA answers then spends most of the
+    decoder and the output layer on padding. Only columns after the last used one go: leading padding stays,
+    because with relative position biases (T5) and tokens placed in front of the prompt (PaLI's image) the
+    distance across it counts. So the masked computation is unchanged. At least one column stays. Returns a new
+    dict.
+    """
+    out = dict(batch)
+    for marker, fields in TRIM_GROUPS:
+        ref = batch.get(marker)
+        if not isinstance(ref, Tensor) or ref.dim() != 2 or ref.shape[1] == 0:
+            continue
+        used = ((ref != -100) if marker == "labels" else ref.bool()).any(0)
+        width = int(used.numel() - used.flip(0).int().argmax()) if bool(used.any()) else 1
+        if width == ref.shape[1]:
+            continue
+        for f in fields:
+            t = batch.get(f)
+            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] == ref.shape[1]:
+                out[f] = t[:, :width]
+    return out
