@@ -104,6 +104,43 @@ def test_optimizer_is_fused_adamw_with_the_adamw_update():
             torch.testing.assert_close(p.detach().double(), expect, rtol=1e-5, atol=1e-6)
 
 
+def test_lr_multipliers_scale_the_adamw_step_of_the_parameters_they_match():
+    model = make(weight_decay=0.1, lr=0.01, lr_multipliers={r"encoder\.0\.": 0.1, r"encoder\.": 0.5})
+    opt = model.configure_optimizers()["optimizer"]
+    factor = {n: 0.1 if n.startswith("encoder.0.") else 0.5 if n.startswith("encoder.") else 1.0
+              for n, _ in model.named_parameters()}  # the first matching pattern counts
+    params = dict(model.named_parameters())
+    before = {n: p.detach().double().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    grads = {n: p.grad.double().clone() for n, p in params.items()}
+    opt.step()
+    for n, p in params.items():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        lr = 0.01 * factor[n]
+        assert group["lr"] == pytest.approx(lr) and group["lr_mult"] == factor[n], n
+        expect = before[n] * (1 - lr * group["weight_decay"]) - lr * grads[n] / (grads[n].abs() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), expect, rtol=1e-5, atol=1e-6)
+    # the schedule scales every group alike
+    sched = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert sorted(sched.base_lrs) == sorted(0.01 * g["lr_mult"] for g in sched.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("bad, match", [({"encoder[": 0.1}, "not a regular expression"),
+                                        ({"encoder": -1.0}, "finite factor >= 0"),
+                                        ({"encoder": float("nan")}, "finite factor >= 0"),
+                                        ({"encoder": True}, "finite factor >= 0")])
+def test_bad_lr_multipliers_are_one_clear_error(bad, match):
+    with pytest.raises(VLMConfigError, match=match):
+        make(lr_multipliers=bad)
+
+
+def test_an_lr_multiplier_that_matches_no_parameter_names_the_pattern():
+    model = make(lr_multipliers={"image_encoder": 0.1})
+    with pytest.raises(VLMConfigError, match=r"\['image_encoder'\] match no parameter"):
+        model.configure_optimizers()
+
+
 def test_lr_schedule_warmup_then_cosine_formula():
     model = make(warmup_steps=10, min_lr_ratio=0.1)
 

@@ -150,6 +150,32 @@ def test_frozen_before_the_optimizer_and_unfrozen_into_the_group_parameter_group
             assert p in opt.state  # it trained after the switch
 
 
+def test_unfrozen_parameters_train_at_their_lr_multiplier():
+    """A tower frozen first and unfrozen at step 3 under lr_multipliers: its group's learning rate is the factor
+    times the others' at every later step (same schedule), as if it had been trainable from the start."""
+    seen = []
+
+    class Rates(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            enc = pl_module.encoder[0].weight
+            mine = [g["lr"] for g in opt.param_groups if any(q is enc for q in g["params"])]
+            rest = {g["lr"] for g in opt.param_groups if g.get("lr_mult", 1.0) == 1.0}
+            seen.append((trainer.global_step, mine, rest))
+
+    model = ToyModel({"se": SquaredError()}, {"a": {"se": 1.0}, "b": {"se": 1.0}}, lr=1e-2, weight_decay=0.1,
+                     warmup_steps=4, lr_multipliers={r"encoder\.": 0.25})
+    run(model, [FreezeSchedule([FreezeStage(0, freeze=["encoder"]), FreezeStage(3, unfreeze=["encoder"])]),
+                Rates()])
+    for step, mine, rest in seen:
+        assert len(rest) == 1
+        if step < 3:
+            assert mine == []
+        else:
+            assert mine == [pytest.approx(0.25 * next(iter(rest)))], step
+    assert next(iter(seen[-1][2])) == pytest.approx(1e-2 * model.lr_lambda(5))
+
+
 def test_resume_after_an_unfreeze_restores_the_optimizer(tmp_path):
     """A checkpoint written after the unfreeze resumes: the freeze stage of the checkpoint's step is applied
     before the optimizer is built, so its groups match the saved optimizer state."""

@@ -85,15 +85,25 @@ class FreezeSchedule(Callback):
         pl_module = trainer.lightning_module
         names = {id(p): n for n, p in pl_module.named_parameters()}
         decays = getattr(pl_module, "decays", None)
+        multiplier = getattr(pl_module, "lr_multiplier", None)
         for p in new:
-            # the weight decay parameter_groups() gives it (decay on weight matrices only, by the model's rule)
+            # the weight decay and learning-rate factor parameter_groups() gives it (decay on weight matrices only,
+            # lr_multipliers by name)
             wd = getattr(pl_module, "weight_decay", 0.0) if decays is None or decays(names[id(p)], p) else 0.0
-            group = next((g for g in opt.param_groups if g.get("weight_decay", 0.0) == wd), None)
+            mult = 1.0 if multiplier is None else multiplier(names[id(p)])
+            group = next((g for g in opt.param_groups
+                          if g.get("weight_decay", 0.0) == wd and g.get("lr_mult", 1.0) == mult), None)
             if group is not None:
                 group["params"].append(p)  # same lr, schedule and betas as its peers; state starts empty
                 continue
             group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-            group.update(params=[p], weight_decay=wd)
+            # the schedule's current factor, read off a group with a non-zero base learning rate
+            ref = next((g for g in opt.param_groups if g.get("initial_lr")), None)
+            factor = ref["lr"] / ref["initial_lr"] if ref is not None else 1.0
+            base = float(getattr(pl_module, "lr", group.get("initial_lr", group["lr"]))) * mult
+            group.update(params=[p], weight_decay=wd, lr_mult=mult, lr=base * factor)
+            if "initial_lr" in group:
+                group["initial_lr"] = base
             opt.add_param_group(group)
             for cfg in trainer.lr_scheduler_configs:  # LambdaLR keeps one base lr per group
                 sched = cfg.scheduler

@@ -8,6 +8,7 @@ through capability methods (memoised in a per-step :class:`StepCache`), and the 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +50,23 @@ def check_weight(stream: str, objective: str, weight: Any) -> None:
             f"streams.{stream}.{objective}={weight}: objective weights must be finite and >= 0 (0 turns "
             f"'{objective}' off for stream '{stream}')."
         )
+
+
+def check_lr_multipliers(multipliers: Mapping[str, float] | None) -> dict[str, float]:
+    """``lr_multipliers`` as ``{pattern: factor}``; one clear error for a bad pattern or factor."""
+    out: dict[str, float] = {}
+    for pattern, factor in dict(multipliers or {}).items():
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise VLMConfigError(f"lr_multipliers: {pattern!r} is not a regular expression ({e}).") from None
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+            raise VLMConfigError(
+                f"lr_multipliers[{pattern!r}]={factor!r}: use a finite factor >= 0 of the learning rate (to freeze "
+                "parameters use vlm.callbacks.FreezeSchedule, which also keeps them out of the optimizer)."
+            )
+        out[str(pattern)] = float(factor)
+    return out
 
 
 def fused_adamw_devices() -> set[str]:
@@ -94,6 +112,11 @@ class VLMModule(L.LightningModule):
             compiled step sees the batch's tensors and its ``stream``; validation runs eagerly.
         compile_options: ``torch.compile`` arguments (``mode``, ``fullgraph``, ``dynamic``, ``backend``,
             ``options``), e.g. ``{mode: reduce-overhead}`` for CUDA graphs.
+        lr_multipliers: ``{pattern: factor}``: parameters whose name (wrapper prefixes removed) matches the regular
+            expression ``pattern`` at its start train at ``factor * lr`` (same schedule; the first matching
+            pattern counts), e.g. ``{'core\\.image_encoder\\.': 0.1}`` for a pretrained tower that a fresh head's
+            early gradients would otherwise overwrite (as big_vision's ``lr_mults``). A pattern that matches no
+            parameter is an error.
         max_nonfinite_steps: optimizer steps in a row that may be skipped for a NaN/inf loss (each one is
             reported with its stream, objective and step; parameters and optimizer state stay untouched); one
             more stops the run with :class:`NonFiniteLossError`. ``null`` turns the guard off (no check, no
@@ -113,6 +136,7 @@ class VLMModule(L.LightningModule):
         seed: int = 0,
         compile: bool | str = False,
         compile_options: Mapping[str, Any] | None = None,
+        lr_multipliers: Mapping[str, float] | None = None,
         max_nonfinite_steps: int | None = 3,
     ) -> None:
         super().__init__()
@@ -125,6 +149,7 @@ class VLMModule(L.LightningModule):
         if lr_schedule not in ("cosine", "linear", "constant"):
             raise VLMConfigError(f"lr_schedule={lr_schedule!r}: use one of 'cosine', 'linear', 'constant'.")
         self.seed = seed
+        self.lr_multipliers = check_lr_multipliers(lr_multipliers)
         self.compile_scope = compile_scope(compile)
         self.compile_options = dict(compile_options or {})
         unknown = sorted(set(self.compile_options) - set(COMPILE_OPTIONS))
@@ -671,26 +696,46 @@ class VLMModule(L.LightningModule):
         lname = name.lower()
         return not (p.ndim < 2 or any(k in lname for k in self.NO_DECAY_KEYS))
 
+    def _clean_name(self, name: str) -> str:
+        for prefix in self.WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        return name
+
     def decays(self, name: str, p: Tensor) -> bool:
         """Whether AdamW decays parameter ``name`` (the rule of ``parameter_groups``, wrapper prefixes ignored)."""
-        clean = name
-        for prefix in self.WRAPPER_PREFIXES:
-            clean = clean.replace(prefix, "")
+        clean = self._clean_name(name)
         known = getattr(self, "_decays", None) or {}
         return known.get(clean, self._decays_by_rule(clean, p))
 
+    def lr_multiplier(self, name: str) -> float:
+        """The factor of ``lr`` for parameter ``name``: the first ``lr_multipliers`` pattern it matches, else 1."""
+        clean = self._clean_name(name)
+        for pattern, factor in self.lr_multipliers.items():
+            if re.match(pattern, clean):
+                return factor
+        return 1.0
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: decay on weight matrices only; frozen parameters are left out."""
-        decay, no_decay = [], []
+        """AdamW groups: decay on weight matrices only, one group per ``lr_multipliers`` factor; frozen
+        parameters are left out."""
+        by_key: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        names = [n for n, _ in self.named_parameters()]  # frozen ones too: a FreezeSchedule may unfreeze them
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (decay if self.decays(name, p) else no_decay).append(p)
+                by_key.setdefault((self.decays(name, p), self.lr_multiplier(name)), []).append(p)
+        unused = [pat for pat in self.lr_multipliers if not any(re.match(pat, self._clean_name(n)) for n in names)]
+        if unused:
+            raise VLMConfigError(
+                f"lr_multipliers: {unused} match no parameter of the model; names look like {names[:3]} (a regular "
+                "expression matched at the start of the name)."
+            )
         groups = []
         # named groups: LearningRateMonitor logs `lr-AdamW/decay` and `lr-AdamW/no_decay` (not pg1, pg2)
-        if decay:
-            groups.append({"params": decay, "weight_decay": self.weight_decay, "name": "decay"})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        for decay in (True, False):
+            for factor in sorted({f for d, f in by_key if d == decay}, reverse=True):
+                name = ("decay" if decay else "no_decay") + ("" if factor == 1.0 else f"_x{factor:g}")
+                groups.append({"params": by_key[(decay, factor)], "weight_decay": self.weight_decay if decay else 0.0,
+                               "lr": self.lr * factor, "lr_mult": factor, "name": name})
         return groups
 
     def lr_lambda(self, step: int) -> float:
