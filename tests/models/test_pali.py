@@ -374,7 +374,7 @@ def test_image_pos_table_is_built_once_moves_with_the_module_and_is_not_saved():
 def test_padding_columns_are_trimmed_before_the_forward_and_the_loss_and_gradients_stay_those_of_the_full_batch():
     model = make_model()
     b = batch_of(task="vqa", n=4)
-    trimmed = model.on_after_batch_transfer(b, 0)
+    trimmed = model.prepare_batch(b)
     # the widths are what the masks say: the longest prompt, the longest answer
     assert trimmed["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) < b["input_ids"].shape[1]
     assert trimmed["labels"].shape[1] == int((b["labels"] != -100).sum(1).max()) < b["labels"].shape[1]
@@ -411,8 +411,32 @@ def test_padding_is_kept_when_asked_when_the_step_is_compiled_and_in_front_of_le
     for i in range(len(ids)):
         shift = ids.shape[1] - int(att[i].sum())
         ids[i], att[i] = ids[i].roll(shift), att[i].roll(shift)
-    left = make_model().on_after_batch_transfer({**b, "input_ids": ids, "attention_mask": att}, 0)
+    left = make_model().prepare_batch({**b, "input_ids": ids, "attention_mask": att})
     assert left["input_ids"] is ids and left["labels"].shape[1] < b["labels"].shape[1]
     for model in (make_model(trim_padding=False), make_model(compile="step")):
-        assert model.trim_padding is False and model.on_after_batch_transfer(b, 0) is b
+        assert model.trim_padding is False and model.prepare_batch(b) is b
     assert make_model(compile="step", trim_padding=True).trim_padding is True
+
+
+def test_training_steps_see_the_trimmed_batches_of_the_multi_stream_datamodule():
+    import lightning as L
+
+    from vlm.data.module import MultiStreamDataModule
+    from vlm.data.stream import Stream
+
+    tf = PrefixLMTransform(tokenizer="synthetic", task="vqa", image_size=32, max_length=24, target_max_length=32,
+                           train=True)
+    dm = MultiStreamDataModule({"vqa": Stream(SyntheticPairs(split="train", num=16, image_size=32), transform=tf)},
+                               batch_size=4)
+    seen = []
+
+    class Widths(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((batch["input_ids"].shape[1], batch["labels"].shape[1],
+                         int(batch["attention_mask"].sum(1).max()), int((batch["labels"] != -100).sum(1).max())))
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Widths()])
+    trainer.fit(make_model(streams={"vqa": {"caption": 1.0}}), dm)
+    # each step's widths are its longest prompt and its longest answer, not the transform's 24 and 32
+    assert len(seen) == 2 and all(iw == p and lw == t < 32 for iw, lw, p, t in seen), seen

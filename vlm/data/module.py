@@ -444,6 +444,14 @@ class MultiStreamDataModule(L.LightningDataModule):
             batch = model.on_before_batch_transfer(batch, dataloader_idx)
         return batch
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The model's ``prepare_batch`` (e.g. PaLI's padding trim) on the batch on its device, before any step and
+        before callbacks see it. A model-side Lightning hook would draw Lightning's warning about a DataModule."""
+        trainer = getattr(self, "trainer", None)
+        model = trainer.lightning_module if trainer is not None else None
+        prepare = getattr(model, "prepare_batch", None)
+        return prepare(batch) if callable(prepare) else batch
+
     def teardown(self, stage: str | None = None) -> None:
         """Stop the streams' workers after fitting (the resume point stays available)."""
         if stage in (None, "fit") and self._train_loader is not None:

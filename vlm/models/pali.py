@@ -287,8 +287,8 @@ class PaLI(VLMModule):
         config: further :class:`PaLIConfig` fields.
         generation: default ``generate`` arguments (``max_new_tokens``, ``num_beams``, ...).
         trim_padding: drop the prompt and target columns that are padding in every row of a batch before the
-            forward (``vlm.data.collate.trim_padding``; same losses, less work on short answers). Default: on,
-            except under ``compile``, whose graphs want the transforms' fixed shapes.
+            forward (``prepare_batch``, ``vlm.data.collate.trim_padding``; same losses, less work on short
+            answers). Default: on, except under ``compile``, whose graphs want the transforms' fixed shapes.
         objectives, streams: default ``{"caption": CaptioningLM()}`` on the streams of ``PALI_STREAMS``.
         **kwargs: the optimiser and run settings of :class:`~vlm.models.base.VLMModule` (``lr``,
             ``weight_decay``, ``warmup_steps``, ``lr_schedule``, ``seed``, ...).
@@ -371,7 +371,9 @@ class PaLI(VLMModule):
                     f"transform's image_size to {self.core.image_size} (or the tower's vision.kwargs.img_size)."
                 )
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def prepare_batch(self, batch: Any) -> Any:
+        """The batch as the steps see it: padding columns trimmed (``trim_padding``). ``MultiStreamDataModule`` calls
+        it after the batch reached the device; a hand-written loop calls it before ``training_step``."""
         if self.trim_padding and isinstance(batch, dict):
             return trim_padding(batch)
         return batch
