@@ -47,11 +47,14 @@ def test_named_sizes_have_the_parameters_of_their_sizes(size):
 def test_tiny_core_is_the_tiny_config_model_at_one_seed():
     """FLAVACore(FLAVAConfig.named('tiny')) = the core of FLAVA built from conf/flava/tiny.yaml's loose tower
     arguments: the same weights at one seed (the towers are built in the order the model always used), so the
-    same embeddings and fused output."""
+    same embeddings and fused output. The config's image tower starts pretrained (``pretrained: synthetic``);
+    the architecture is compared from random weights."""
     torch.manual_seed(0)
     core = FLAVACore(FLAVAConfig.named("tiny")).eval()
     torch.manual_seed(0)
-    model = FLAVA(**tiny_kwargs()).eval()
+    kwargs = tiny_kwargs()
+    assert kwargs["vision"].pop("pretrained") == "synthetic"
+    model = FLAVA(**kwargs).eval()
     assert model.config == FLAVAConfig.named("tiny")
     mine, theirs = core.state_dict(), model.core.state_dict()
     assert mine.keys() == theirs.keys()
