@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo` over several seeds (model init, data order, masking): the README's mean and spread come from here.
-#   bash benchmarks/demo_seeds.sh            # seeds 0 1 2, one run after the other (~7 min each on 2 cores)
+#   bash benchmarks/demo_seeds.sh            # seeds 0 1 2, one run after the other (about 5 min each on 2 cores, once the tower is cached)
 #   SEEDS="3 4" bash benchmarks/demo_seeds.sh
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
