@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     """Train with the real ``vlm fit`` path, then evaluate on held-out scenes (the test split)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "conf/pali/tiny.yaml"))
-    ap.add_argument("--held-out", type=int, default=200, help="held-out images for detection and captioning (at most "
-                    "100) and the default number of VQA questions")
+    ap.add_argument("--held-out", type=int, default=200,
+                    help="held-out images for detection and captioning (at most 100 are used)")
     ap.add_argument("--vqa-questions", type=int, default=1000,
                     help="held-out VQA questions (1000: a standard error of about 0.015 on the exact match)")
     ap.add_argument("--examples", type=int, default=4)
