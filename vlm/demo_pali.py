@@ -2,7 +2,7 @@
 held-out images: VQA exact match against the majority answer of each question type, detection parses and mAP,
 and captioning CIDEr-D.
 
-    python -m vlm.demo_pali [--config conf/pali/tiny.yaml] [--held-out 200] [extra LightningCLI args ...]
+    python -m vlm.demo_pali [--config conf/pali/tiny.yaml] [--vqa-questions 1000] [--held-out 200] [LightningCLI args]
 """
 
 from __future__ import annotations
