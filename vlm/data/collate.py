@@ -94,11 +94,10 @@ def collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     return batch
 
 
-#: the batch fields ``trim_padding`` shortens together, each group after the field that marks its padding
-#: (``attention_mask``: 0; ``labels``: -100)
-TRIM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention_mask", ("input_ids", "attention_mask")),
-    ("labels", ("labels", "decoder_attention_mask")),
+#: the batch fields ``trim_padding`` shortens together: (the field that marks padding, its padding value, the fields)
+TRIM_GROUPS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
+    ("attention_mask", 0, ("input_ids", "attention_mask")),
+    ("labels", -100, ("labels", "decoder_attention_mask")),
 )
 
 
@@ -112,12 +111,13 @@ def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
     dict.
     """
     out = dict(batch)
-    for marker, fields in TRIM_GROUPS:
+    for marker, pad, fields in TRIM_GROUPS:
         ref = batch.get(marker)
         if not isinstance(ref, Tensor) or ref.dim() != 2 or ref.shape[1] == 0:
             continue
-        used = ((ref != -100) if marker == "labels" else ref.bool()).any(0)
-        width = int(used.numel() - used.flip(0).int().argmax()) if bool(used.any()) else 1
+        used = (ref != pad).any(0)
+        # one device-to-host read: 1 + the last used column's index (0 when none is used)
+        width = max(1, int((used * torch.arange(1, used.numel() + 1, device=used.device)).max()))
         if width == ref.shape[1]:
             continue
         for f in fields:
